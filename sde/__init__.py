@@ -1,0 +1,1 @@
+"""The covariance SDE of the shaped Transformer and finite-network Monte Carlo."""

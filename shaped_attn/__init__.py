@@ -1,0 +1,1 @@
+"""Shaped attention, periodic and polynomial attention activations (Flax NNX)."""
