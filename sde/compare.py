@@ -1,0 +1,115 @@
+"""Agreement statistics between finite-network samples and SDE paths.
+
+The paper shows only pictures (spec/sde.md section 6); we quantify agreement with the
+two-sample Kolmogorov-Smirnov statistic and Wasserstein-1 distance (scipy.stats), quantiles
+with bootstrap standard errors, and per-layer means with standard-error bands. Stopped samples
+are excluded from every statistic and counted separately, so no statistic ever sees NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+QUANTILE_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def _finite_1d(name: str, x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise ValueError(f"{name} is empty: every sample was stopped or none was drawn")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} holds {np.sum(~np.isfinite(x))} non-finite values")
+    return x
+
+
+def quantiles_with_se(
+    x, levels=QUANTILE_LEVELS, *, num_bootstrap: int = 200, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample quantiles at ``levels`` and their bootstrap standard errors."""
+    x = _finite_1d("x", x)
+    q = np.quantile(x, levels)
+    rng = np.random.default_rng(seed)
+    boot = np.quantile(rng.choice(x, size=(num_bootstrap, x.size), replace=True), levels, axis=1)
+    return q, boot.std(axis=1, ddof=1)
+
+
+@dataclass(frozen=True)
+class SampleComparison:
+    """Two-sample agreement of one scalar (e.g. rho_12 at the last layer)."""
+
+    ks: float
+    ks_pvalue: float
+    w1: float
+    quantiles_finite: np.ndarray
+    quantiles_sde: np.ndarray
+    quantile_se_finite: np.ndarray
+    quantile_se_sde: np.ndarray
+    n_finite: int
+    n_sde: int
+
+    @property
+    def quantile_z(self) -> np.ndarray:
+        """Quantile differences in units of their combined bootstrap standard error."""
+        se = np.hypot(self.quantile_se_finite, self.quantile_se_sde)
+        return (self.quantiles_finite - self.quantiles_sde) / np.where(se > 0, se, np.inf)
+
+
+def compare_samples(finite, sde, *, num_bootstrap: int = 200, seed: int = 0) -> SampleComparison:
+    """KS statistic and p-value, Wasserstein-1, and quantiles with bootstrap errors."""
+    a, b = _finite_1d("finite", finite), _finite_1d("sde", sde)
+    ks = stats.ks_2samp(a, b)
+    qa, sa = quantiles_with_se(a, num_bootstrap=num_bootstrap, seed=seed)
+    qb, sb = quantiles_with_se(b, num_bootstrap=num_bootstrap, seed=seed + 1)
+    return SampleComparison(
+        ks=float(ks.statistic),
+        ks_pvalue=float(ks.pvalue),
+        w1=float(stats.wasserstein_distance(a, b)),
+        quantiles_finite=qa,
+        quantiles_sde=qb,
+        quantile_se_finite=sa,
+        quantile_se_sde=sb,
+        n_finite=a.size,
+        n_sde=b.size,
+    )
+
+
+@dataclass(frozen=True)
+class Band:
+    """Per-layer mean with its standard error and the 5-95 % spread of the samples."""
+
+    mean: np.ndarray
+    se: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+
+def band(values, keep=None) -> Band:
+    """Band over the sample axis of ``values`` ``(S, K)``, using only rows where ``keep``."""
+    v = np.asarray(values, dtype=np.float64)
+    if keep is not None:
+        v = v[np.asarray(keep, dtype=bool)]
+    if v.shape[0] == 0:
+        raise ValueError("values is empty: every sample was stopped")
+    if not np.all(np.isfinite(v)):
+        raise ValueError("values holds non-finite entries; exclude stopped samples first")
+    se = v.std(axis=0, ddof=1) / np.sqrt(v.shape[0]) if v.shape[0] > 1 else np.zeros(v.shape[1])
+    lo, hi = np.quantile(v, [0.05, 0.95], axis=0)
+    return Band(mean=v.mean(axis=0), se=se, lo=lo, hi=hi)
+
+
+def stopped_fraction(stopped) -> float:
+    """Fraction of samples flagged as stopped (blow-up or loss of PSD)."""
+    s = np.asarray(stopped, dtype=bool)
+    return float(s.mean()) if s.size else 0.0
+
+
+def fit_power_law(x, y) -> tuple[float, float]:
+    """Least-squares fit ``y = C x^p`` on log-log axes; returns ``(p, C)``."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.size < 2 or np.any(x <= 0) or np.any(y <= 0):
+        raise ValueError("fit_power_law needs at least two points with x > 0 and y > 0")
+    p, log_c = np.polyfit(np.log(x), np.log(y), 1)
+    return float(p), float(np.exp(log_c))
