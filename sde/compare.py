@@ -78,10 +78,11 @@ def compare_samples(finite, sde, *, num_bootstrap: int = 200, seed: int = 0) -> 
 
 @dataclass(frozen=True)
 class Band:
-    """Per-layer mean with its standard error and the 5-95 % spread of the samples."""
+    """Per-layer mean with its standard error, the median and the 5-95 % spread."""
 
     mean: np.ndarray
     se: np.ndarray
+    median: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
 
@@ -96,8 +97,8 @@ def band(values, keep=None) -> Band:
     if not np.all(np.isfinite(v)):
         raise ValueError("values holds non-finite entries; exclude stopped samples first")
     se = v.std(axis=0, ddof=1) / np.sqrt(v.shape[0]) if v.shape[0] > 1 else np.zeros(v.shape[1])
-    lo, hi = np.quantile(v, [0.05, 0.95], axis=0)
-    return Band(mean=v.mean(axis=0), se=se, lo=lo, hi=hi)
+    lo, median, hi = np.quantile(v, [0.05, 0.5, 0.95], axis=0)
+    return Band(mean=v.mean(axis=0), se=se, median=median, lo=lo, hi=hi)
 
 
 def stopped_fraction(stopped) -> float:

@@ -1,0 +1,508 @@
+"""Compare the token covariance of finite shaped Transformers with their SDE (the main job).
+
+    python scripts/sde_vs_finite.py                      # quick preset, under a minute on CPU
+    python scripts/sde_vs_finite.py --preset fig1        # the paper's Fig. 1 at full size
+    python scripts/sde_vs_finite.py --m 3 --width 200 --depth 150 --samples 4096
+
+Writes to ``--out``: config.json (resolved config, versions, device), results.npz,
+metrics.json (deterministic for a given config and seed), timings.json, and figures as PNG
+and PDF. Finished chunks are kept under ``chunks/``: rerunning the same command after an
+interruption resumes from them and gives the same result as an uninterrupted run.
+Presets follow spec/sde.md section 6; explicit flags override a preset's values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # runnable from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from sde import compare  # noqa: E402
+from sde.coefficients import correlation  # noqa: E402
+from sde.finite import SAMPLERS, FiniteSampler, stop_samples  # noqa: E402
+from sde.params import SDEParams  # noqa: E402
+from sde.solve import solve  # noqa: E402
+from shaped_attn import config as model_config  # noqa: E402
+from shaped_attn.rundir import RunDir  # noqa: E402
+
+BLOCKS = ("transformer", "attention", "mlp")
+SUBLAYERS = {"transformer": "both", "attention": "attention", "mlp": "mlp"}
+VARIANTS = ("shaped", "unshaped", "pre_ln", "no_centre", "no_identity", "no_sqrt_n")
+EIG_BOUNDS = (1e-4, 1e4)  # paper Fig. 5: a path stops when an eigenvalue leaves this range
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a run depends on. The CLI is generated from these fields."""
+
+    preset: str = "quick"
+    m: int = 3
+    rho0: float = 0.2
+    v0_scale: float = 1.0
+    width: int = 64
+    depth: int = 48
+    gamma: float = 1 / math.sqrt(8)
+    tau0: float = 1.0
+    c_plus: float = 0.0
+    c_minus: float = -1.0
+    block: str = "transformer"
+    samples: int = 2048
+    sde_paths: int = 4096
+    dt: float = 0.01
+    sampler: str = "gram"
+    variants: tuple = ()
+    gammas: tuple = ()
+    sweep_widths: tuple = (16, 32, 64)
+    chunk: int = 1024
+    stop_norm: float = 1e4
+    dtype: str = "float32"
+    seed: int = 0
+    out: str = "runs/sde_vs_finite"
+    overwrite: bool = False
+
+    @property
+    def T(self) -> float:
+        return self.depth / self.width
+
+    @property
+    def V0(self) -> np.ndarray:
+        """``v0_scale * ((1 - rho0) I + rho0 11^T)``."""
+        base = (1 - self.rho0) * np.eye(self.m) + self.rho0 * np.ones((self.m, self.m))
+        return (self.v0_scale * base).astype(self.dtype)
+
+
+PRESETS = {
+    "quick": {},
+    "fig1": dict(width=200, depth=150, gamma=1 / math.sqrt(8), samples=4096, sde_paths=16384,
+                 dt=0.01, variants=("unshaped", "pre_ln"), sweep_widths=(25, 50, 100, 200, 400)),
+    "fig3": dict(block="mlp", m=2, width=300, depth=100, gamma=0.25, samples=8192, sde_paths=16384,
+                 dt=0.01 / 3, gammas=(0.1, 0.25, 0.5, 1.0), sweep_widths=()),
+    "fig4": dict(width=300, depth=150, gamma=1 / math.sqrt(2), samples=8192, sde_paths=16384,
+                 dt=0.01, variants=("no_centre", "no_identity", "no_sqrt_n"), sweep_widths=()),
+    "fig5": dict(v0_scale=100.0, width=200, depth=200, samples=100, sde_paths=1000, dt=0.005,
+                 gamma=0.2, gammas=(0.05, 0.1, 0.2, 0.3, 0.5, 0.7), stop_norm=1e5, sweep_widths=()),
+}
+
+
+# ------------------------------------------------------------------------ config and CLI
+
+
+def validate(cfg: RunConfig) -> None:
+    """One ValueError naming the first bad parameter, its value and the allowed range."""
+
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(msg)
+
+    need(cfg.preset in PRESETS, f"preset={cfg.preset!r} is not one of {tuple(PRESETS)}")
+    for name in ("m", "width", "depth", "samples", "sde_paths", "chunk"):
+        v = getattr(cfg, name)
+        need(isinstance(v, int) and v >= 1, f"{name}={v!r} must be an integer >= 1")
+    for name in ("rho0", "v0_scale", "gamma", "tau0", "c_plus", "c_minus", "dt", "stop_norm"):
+        need(math.isfinite(getattr(cfg, name)), f"{name}={getattr(cfg, name)!r} must be finite")
+    need(cfg.m >= 2, f"m={cfg.m} must be >= 2 (rho is the correlation of tokens 1 and 2)")
+    lo = -1 / (cfg.m - 1)
+    need(lo < cfg.rho0 < 1, f"rho0={cfg.rho0} is outside ({lo:.6g}, 1) for m={cfg.m} (V0 must be PD)")
+    need(cfg.v0_scale > 0, f"v0_scale={cfg.v0_scale} must be > 0")
+    for g in (cfg.gamma, *cfg.gammas):
+        need(0 < g <= 1, f"gamma={g} is outside (0, 1]")
+    need(cfg.tau0 > 0, f"tau0={cfg.tau0} must be > 0")
+    need(0 < cfg.dt <= cfg.T, f"dt={cfg.dt} must lie in (0, T] with T = depth/width = {cfg.T:.6g}")
+    need(cfg.block in BLOCKS, f"block={cfg.block!r} is not one of {BLOCKS}")
+    need(cfg.sampler in SAMPLERS, f"sampler={cfg.sampler!r} is not one of {SAMPLERS}")
+    for v in cfg.variants:
+        need(v in VARIANTS, f"variants: {v!r} is not one of {VARIANTS}")
+    for w in (cfg.width, *cfg.sweep_widths):
+        need(isinstance(w, int) and w > cfg.m, f"width={w!r} must be an integer > m = {cfg.m}")
+    need(cfg.stop_norm > 0, f"stop_norm={cfg.stop_norm} must be > 0")
+    need(cfg.dtype in ("float32", "float64"), f"dtype={cfg.dtype!r} is not one of ('float32', 'float64')")
+
+
+def _parse_tuple(kind):
+    def parse(text):
+        return tuple(kind(x) for x in text.split(",") if x.strip()) if text else ()
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``--flag`` for every RunConfig field; tuples are comma-separated lists."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = RunConfig()
+    for f in dataclasses.fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=None, help=f"default {default}")
+        elif isinstance(default, tuple):
+            kind = float if f.name == "gammas" else (int if f.name == "sweep_widths" else str)
+            parser.add_argument(flag, type=_parse_tuple(kind), default=None, metavar="A,B,...",
+                                help=f"comma-separated; default {','.join(map(str, default)) or 'none'}")
+        else:
+            choices = {"preset": tuple(PRESETS), "sampler": SAMPLERS, "block": BLOCKS}.get(f.name)
+            parser.add_argument(flag, type=type(default), default=None, choices=choices,
+                                help=f"default {default}")
+    return parser
+
+
+def resolve_config(argv=None) -> RunConfig:
+    """Defaults, then the preset's values, then explicit flags."""
+    args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    preset = args.get("preset", RunConfig.preset)
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not one of {tuple(PRESETS)}")
+    values = {**PRESETS[preset], **args}
+    if "out" not in args:
+        values["out"] = f"runs/sde_vs_finite_{preset}"
+    cfg = RunConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------ the work
+
+
+def block_config(cfg: RunConfig, variant: str, gamma: float) -> Callable[[int], model_config.BlockConfig]:
+    """``width -> BlockConfig`` of a named variant of the paper's networks."""
+    common = dict(sublayers=SUBLAYERS[cfg.block], tau0=cfg.tau0)
+    if variant == "pre_ln":
+        return lambda n: model_config.pre_ln_config(n, out_proj=False, **common)
+    if variant == "unshaped":
+        return lambda n: model_config.unshaped_config(n, gamma, **common)
+    ablation = None if variant == "shaped" else variant
+    return lambda n: model_config.shaped_config(
+        n, gamma, c_plus=cfg.c_plus, c_minus=cfg.c_minus, ablation=ablation, **common
+    )
+
+
+def sde_grid(cfg: RunConfig, T: float) -> tuple[float, int]:
+    """``(dt, save_every)``: ``dt`` adjusted so that it divides ``T``; at most ~200 saves."""
+    steps = max(1, round(T / cfg.dt))
+    save_every = max(d for d in range(1, steps + 1) if steps % d == 0 and steps // d <= 200) if steps > 200 else 1
+    return T / steps, save_every
+
+
+class Experiment:
+    """Runs the work units of a config chunk by chunk, resuming from ``run``'s chunks."""
+
+    def __init__(self, cfg: RunConfig, run: RunDir, progress: bool = True):
+        self.cfg, self.run, self.progress = cfg, run, progress
+        self.key = jax.random.key(cfg.seed)
+        self.timings: dict[str, float] = {}
+        self._bar = None
+
+    def _unit_key(self, name: str):
+        return jax.random.fold_in(self.key, zlib.crc32(name.encode()))
+
+    def _chunks(self, name: str, total: int, compute: Callable[[int, int, int], dict]) -> dict:
+        """Concatenate the chunks of one unit, computing (and saving) only missing ones."""
+        size = self.cfg.chunk
+        parts = []
+        start_time = time.perf_counter()
+        for index, start in enumerate(range(0, total, size)):
+            chunk = self.run.load_chunk(name, index)
+            if chunk is None:
+                chunk = compute(index, start, min(start + size, total))
+                self.run.save_chunk(name, index, **chunk)
+            parts.append(chunk)
+            if self._bar is not None:
+                self._bar.update(1)
+        self.timings[name] = time.perf_counter() - start_time
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def finite(self, variant: str, gamma: float, width: int, depth: int) -> dict:
+        """Finite-network ``V`` (samples, depth + 1, m, m) with stop flags."""
+        name = f"finite-{variant}-g{gamma:.6g}-n{width}-d{depth}"
+        sampler: Optional[FiniteSampler] = None
+
+        def compute(index, start, stop):
+            nonlocal sampler
+            if sampler is None:
+                sampler = FiniteSampler(jnp.asarray(self.cfg.V0), block_config(self.cfg, variant, gamma),
+                                        width=width, depth=depth, sampler=self.cfg.sampler)
+            return {"V": sampler.chunk(self._unit_key(name), start, stop)}
+
+        V = self._chunks(name, self.cfg.samples, compute)["V"]
+        r = stop_samples(V, self.cfg.stop_norm)
+        return {"V": r.V, "stopped": r.stopped, "t": np.arange(depth + 1) / width}
+
+    def sde(self, gamma: float, T: float) -> dict:
+        """SDE paths ``V`` (paths, K, m, m) at times ``t`` with stop flags."""
+        name = f"sde-{self.cfg.block}-g{gamma:.6g}-T{T:.6g}"
+        dt, save_every = sde_grid(self.cfg, T)
+        params = SDEParams(gamma=gamma, tau0=self.cfg.tau0, c_plus=self.cfg.c_plus,
+                           c_minus=self.cfg.c_minus, block=self.cfg.block)
+
+        def compute(index, start, stop):
+            sol = solve(jnp.asarray(self.cfg.V0), params, T=T, dt=dt, num_paths=stop - start,
+                        key=jax.random.fold_in(self._unit_key(name), index), save_every=save_every,
+                        stop_norm=self.cfg.stop_norm)
+            return {"V": np.asarray(sol.V), "stopped": np.asarray(sol.stopped), "t": np.asarray(sol.ts)[None]}
+
+        out = self._chunks(name, self.cfg.sde_paths, compute)
+        return {"V": out["V"], "stopped": out["stopped"], "t": out["t"][0]}
+
+    def plan(self) -> list[tuple]:
+        cfg = self.cfg
+        units = [("finite", "shaped", cfg.gamma, cfg.width, cfg.depth), ("sde", cfg.gamma, cfg.T)]
+        units += [("finite", v, cfg.gamma, cfg.width, cfg.depth) for v in cfg.variants]
+        for g in cfg.gammas:
+            if g != cfg.gamma:
+                units += [("finite", "shaped", g, cfg.width, cfg.depth), ("sde", g, cfg.T)]
+        for w in cfg.sweep_widths:
+            d = max(1, round(cfg.T * w))
+            if (w, d) != (cfg.width, cfg.depth):
+                units.append(("finite", "shaped", cfg.gamma, w, d))
+        return units
+
+    def execute(self) -> dict:
+        from tqdm.auto import tqdm
+
+        units = self.plan()
+        per_unit = {"finite": -(-self.cfg.samples // self.cfg.chunk), "sde": -(-self.cfg.sde_paths // self.cfg.chunk)}
+        total = sum(per_unit[u[0]] for u in units)
+        out = {}
+        with tqdm(total=total, desc="chunks", disable=not self.progress) as self._bar:
+            for unit in units:
+                out[unit] = self.finite(*unit[1:]) if unit[0] == "finite" else self.sde(*unit[1:])
+        self._bar = None
+        return out
+
+
+# ------------------------------------------------------------------------------ analysis
+
+
+def rho12(V: np.ndarray) -> np.ndarray:
+    """Correlation of tokens 1 and 2, ``V_12 / sqrt(V_11 V_22)``, over leading axes."""
+    return np.asarray(correlation(jnp.asarray(V)))[..., 0, 1]
+
+
+def eigen_exit_time(V: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """First time an eigenvalue of ``V`` leaves ``EIG_BOUNDS`` (inf if never), per sample."""
+    eig = np.linalg.eigvalsh(V.astype(np.float64))
+    out = (eig.min(-1) < EIG_BOUNDS[0]) | (eig.max(-1) > EIG_BOUNDS[1])
+    return np.where(out.any(1), t[out.argmax(1)], np.inf)
+
+
+def comparison_metrics(fin: dict, sde: dict) -> dict:
+    keep_f, keep_s = ~fin["stopped"], ~sde["stopped"]
+    c = compare.compare_samples(rho12(fin["V"][keep_f, -1]), rho12(sde["V"][keep_s, -1]))
+    return {
+        "ks_rho": c.ks, "ks_pvalue_rho": c.ks_pvalue, "w1_rho": c.w1,
+        "quantile_levels": list(compare.QUANTILE_LEVELS),
+        "quantiles_rho": {"finite": c.quantiles_finite, "sde": c.quantiles_sde},
+        "quantile_se_rho": {"finite": c.quantile_se_finite, "sde": c.quantile_se_sde},
+        "quantile_z_rho": c.quantile_z,
+        "stopped_fraction": {"finite": compare.stopped_fraction(fin["stopped"]),
+                             "sde": compare.stopped_fraction(sde["stopped"])},
+        "stopped_count": {"finite": int(fin["stopped"].sum()), "sde": int(sde["stopped"].sum())},
+    }
+
+
+def analyse(cfg: RunConfig, out: dict) -> tuple[dict, dict]:
+    """``(metrics, arrays)`` from the finished work units."""
+    head_f = out[("finite", "shaped", cfg.gamma, cfg.width, cfg.depth)]
+    head_s = out[("sde", cfg.gamma, cfg.T)]
+    metrics = {"width": cfg.width, "depth": cfg.depth, "T": cfg.T, "num_samples": cfg.samples,
+               "sde_paths": cfg.sde_paths, "dt": sde_grid(cfg, cfg.T)[0], "m": cfg.m,
+               **comparison_metrics(head_f, head_s)}
+    arrays = {"rho_finite": rho12(head_f["V"][:, -1]), "rho_sde": rho12(head_s["V"][:, -1]),
+              "stopped_finite": head_f["stopped"], "stopped_sde": head_s["stopped"]}
+    curves = {}
+    for unit, res in out.items():
+        if unit[0] == "finite" and unit[3] == cfg.width and unit[2] == cfg.gamma:
+            curves[unit[1]] = res
+    curves["sde"] = head_s
+    metrics["curves"] = {}
+    for name, res in curves.items():
+        keep = ~res["stopped"]
+        rho = compare.band(rho12(res["V"]), keep)
+        absv = compare.band(np.abs(res["V"]).mean(axis=(-2, -1)), keep)
+        metrics["curves"][name] = {"final_mean_rho": rho.mean[-1], "final_median_abs_V": absv.median[-1],
+                                   "stopped_fraction": compare.stopped_fraction(res["stopped"])}
+        arrays |= {f"curve_{name}_t": res["t"], f"curve_{name}_rho_mean": rho.mean,
+                   f"curve_{name}_rho_se": rho.se, f"curve_{name}_rho_lo": rho.lo,
+                   f"curve_{name}_rho_hi": rho.hi, f"curve_{name}_absV_median": absv.median,
+                   f"curve_{name}_absV_lo": absv.lo, f"curve_{name}_absV_hi": absv.hi}
+    if cfg.gammas:
+        sweep = []
+        for g in cfg.gammas:
+            f, s = out[("finite", "shaped", g, cfg.width, cfg.depth)], out[("sde", g, cfg.T)]
+            row = {"gamma": g}
+            keep_f, keep_s = ~f["stopped"], ~s["stopped"]
+            if keep_f.any() and keep_s.any():
+                row |= comparison_metrics(f, s)
+                row["p95_abs_rho"] = {"finite": float(np.quantile(np.abs(rho12(f["V"][keep_f, -1])), 0.95)),
+                                      "sde": float(np.quantile(np.abs(rho12(s["V"][keep_s, -1])), 0.95))}
+                arrays[f"rho_finite_g{g:.6g}"] = rho12(f["V"][keep_f, -1])
+                arrays[f"rho_sde_g{g:.6g}"] = rho12(s["V"][keep_s, -1])
+            exit_f, exit_s = eigen_exit_time(f["V"], f["t"]), eigen_exit_time(s["V"], s["t"])
+            row["eigen_exit"] = {
+                "fraction": {"finite": float(np.isfinite(exit_f).mean()), "sde": float(np.isfinite(exit_s).mean())},
+                "median_time": {"finite": _median_or_none(exit_f), "sde": _median_or_none(exit_s)},
+            }
+            row["stopped_fraction"] = {"finite": compare.stopped_fraction(f["stopped"]),
+                                       "sde": compare.stopped_fraction(s["stopped"])}
+            sweep.append(row)
+        metrics["gamma_sweep"] = sweep
+    if cfg.sweep_widths:
+        rows = []
+        for w in cfg.sweep_widths:
+            d = max(1, round(cfg.T * w))
+            f = head_f if (w, d) == (cfg.width, cfg.depth) else out[("finite", "shaped", cfg.gamma, w, d)]
+            c = comparison_metrics(f, head_s)
+            rows.append({"width": w, "depth": d, "T": d / w, "ks_rho": c["ks_rho"], "w1_rho": c["w1_rho"],
+                         "stopped_fraction": c["stopped_fraction"]["finite"]})
+        widths = np.array([r["width"] for r in rows], float)
+        ks = np.array([r["ks_rho"] for r in rows])
+        w1 = np.array([r["w1_rho"] for r in rows])
+        sweep = {"rows": rows, "ks_noise_floor": _ks_floor(cfg.samples, cfg.sde_paths)}
+        if len(rows) >= 2:
+            sweep["ks_rate"], _ = compare.fit_power_law(widths, ks)
+            sweep["w1_rate"], _ = compare.fit_power_law(widths, w1)
+        metrics["width_sweep"] = sweep
+    return metrics, arrays
+
+
+def _median_or_none(x: np.ndarray):
+    """Median stopping time; ``None`` (JSON null) when fewer than half the samples stopped."""
+    med = float(np.median(x))
+    return med if math.isfinite(med) else None
+
+
+def _ks_floor(n1: int, n2: int) -> float:
+    """Mean KS statistic of two samples of one law (asymptotically 0.8687 sqrt(1/n1 + 1/n2))."""
+    return 0.8687 * math.sqrt(1 / n1 + 1 / n2)
+
+
+# ------------------------------------------------------------------------------- figures
+
+
+def figures(cfg: RunConfig, metrics: dict, arrays: dict, run: RunDir) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stopped = metrics["stopped_count"]
+    note = f"stopped: finite {stopped['finite']}/{cfg.samples}, SDE {stopped['sde']}/{cfg.sde_paths}"
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    bins = np.linspace(-1, 1, 61)
+    ax.hist(arrays["rho_finite"][~arrays["stopped_finite"]], bins, density=True, alpha=0.5,
+            label=f"finite n={cfg.width}, d={cfg.depth}")
+    ax.hist(arrays["rho_sde"][~arrays["stopped_sde"]], bins, density=True, histtype="step", lw=2,
+            label=f"SDE T={cfg.T:.3g}")
+    ax.set(xlabel=r"$\rho_{12}$ at the last layer", ylabel="density",
+           title=f"KS {metrics['ks_rho']:.3f}, W1 {metrics['w1_rho']:.3f}")
+    ax.legend(fontsize=8)
+    fig.text(0.5, -0.02, note, ha="center", va="top", fontsize=8)
+    run.save_figure(fig, "density_rho")
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for name, info in metrics["curves"].items():
+        t = arrays[f"curve_{name}_t"]
+        label = f"{name} (stopped {info['stopped_fraction']:.1%})"
+        line, = axes[0].plot(t, arrays[f"curve_{name}_rho_mean"], label=label, ls="--" if name == "sde" else "-")
+        axes[0].fill_between(t, arrays[f"curve_{name}_rho_lo"], arrays[f"curve_{name}_rho_hi"],
+                             color=line.get_color(), alpha=0.12)
+        axes[1].plot(t, arrays[f"curve_{name}_absV_median"], label=name, ls="--" if name == "sde" else "-",
+                     color=line.get_color())
+        axes[1].fill_between(t, arrays[f"curve_{name}_absV_lo"], arrays[f"curve_{name}_absV_hi"],
+                             color=line.get_color(), alpha=0.12)
+    axes[0].set(xlabel="t = layer / width", ylabel=r"mean $\rho_{12}$ (band: 5-95 %)")
+    axes[1].set(xlabel="t = layer / width", ylabel=r"median of mean$_{ab}|V_{ab}|$ (band: 5-95 %)", yscale="log")
+    axes[0].legend(fontsize=7)
+    fig.text(0.5, -0.02, f"statistics exclude stopped samples; {note}", ha="center", va="top", fontsize=8)
+    run.save_figure(fig, "mean_rho")
+    plt.close(fig)
+
+    if "gamma_sweep" in metrics:
+        rows = [r for r in metrics["gamma_sweep"] if "p95_abs_rho" in r]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        for r in rows:
+            g = r["gamma"]
+            axes[0].hist(arrays[f"rho_finite_g{g:.6g}"], bins, density=True, alpha=0.35, label=f"finite γ={g:.3g}")
+            axes[0].hist(arrays[f"rho_sde_g{g:.6g}"], bins, density=True, histtype="step", lw=1.5)
+        axes[0].set(xlabel=r"$\rho_{12}$ at the last layer (steps: SDE)", ylabel="density")
+        axes[0].legend(fontsize=7)
+        gs = [r["gamma"] for r in rows]
+        for src, ls in (("finite", "-o"), ("sde", "--s")):
+            axes[1].plot(gs, [r["p95_abs_rho"][src] for r in rows], ls, label=src)
+            axes[2].plot([r["gamma"] for r in metrics["gamma_sweep"]],
+                         [r["eigen_exit"]["fraction"][src] for r in metrics["gamma_sweep"]], ls, label=src)
+        axes[1].set(xlabel="γ", ylabel=r"95th percentile of $|\rho_{12}|$")
+        axes[2].set(xlabel="γ", ylabel=f"fraction with an eigenvalue outside {EIG_BOUNDS} by T")
+        axes[1].legend(fontsize=8)
+        run.save_figure(fig, "gamma_sweep")
+        plt.close(fig)
+
+    if "width_sweep" in metrics:
+        ws = metrics["width_sweep"]
+        widths = [r["width"] for r in ws["rows"]]
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        ax.loglog(widths, [r["ks_rho"] for r in ws["rows"]], "-o", label=f"KS (rate {ws.get('ks_rate', float('nan')):.2f})")
+        ax.loglog(widths, [r["w1_rho"] for r in ws["rows"]], "-s", label=f"W1 (rate {ws.get('w1_rate', float('nan')):.2f})")
+        ax.axhline(ws["ks_noise_floor"], color="gray", ls=":", label="KS sampling floor")
+        ax.set(xlabel="width n (depth = T n)", ylabel=r"distance to the SDE ($\rho_{12}$ at T)")
+        ax.legend(fontsize=8)
+        run.save_figure(fig, "width_sweep")
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def run(cfg: RunConfig, progress: bool = True) -> dict:
+    """Execute (or resume) ``cfg`` and write every output; returns the metrics."""
+    jax.config.update("jax_enable_x64", cfg.dtype == "float64")
+    config = dataclasses.asdict(cfg)
+    for transient in ("out", "overwrite"):
+        config.pop(transient)
+    rundir = RunDir(cfg.out, config, overwrite=cfg.overwrite)
+    start = time.perf_counter()
+    exp = Experiment(cfg, rundir, progress=progress)
+    out = exp.execute()
+    metrics, arrays = analyse(cfg, out)
+    rundir.write_npz("results.npz", **arrays)
+    rundir.write_json("metrics.json", metrics)
+    figures(cfg, metrics, arrays, rundir)
+    rundir.write_json("timings.json", {"units": exp.timings, "total_s": time.perf_counter() - start})
+    return metrics
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = resolve_config(argv)
+        metrics = run(cfg)
+    except ValueError as err:
+        print(f"sde_vs_finite: error: {err}", file=sys.stderr)
+        return 2
+    q = metrics["quantiles_rho"]
+    print(f"KS(rho) = {metrics['ks_rho']:.4f} (p = {metrics['ks_pvalue_rho']:.3g}), "
+          f"W1 = {metrics['w1_rho']:.4f}, stopped finite {metrics['stopped_fraction']['finite']:.2%}, "
+          f"SDE {metrics['stopped_fraction']['sde']:.2%}")
+    print("quantiles 5/25/50/75/95 %: finite " + " ".join(f"{x:+.3f}" for x in q["finite"])
+          + " | SDE " + " ".join(f"{x:+.3f}" for x in q["sde"]))
+    if "width_sweep" in metrics and "ks_rate" in metrics["width_sweep"]:
+        print(f"width sweep: KS ~ n^{metrics['width_sweep']['ks_rate']:.2f}, W1 ~ n^{metrics['width_sweep']['w1_rate']:.2f}")
+    print(f"outputs in {cfg.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
