@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 help=f"comma-separated; default {','.join(map(str, default)) or 'none'}")
         else:
             choices = {"preset": tuple(PRESETS), "sampler": SAMPLERS, "block": BLOCKS}.get(f.name)
-            parser.add_argument(flag, type=type(default), default=None, choices=choices,
-                                help=f"default {default}")
+            hint = f"one of {', '.join(choices)}; " if choices else ""
+            parser.add_argument(flag, type=type(default), default=None, help=f"{hint}default {default}")
     return parser
 
 
@@ -298,17 +298,27 @@ def eigen_exit_time(V: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def comparison_metrics(fin: dict, sde: dict) -> dict:
+    """Agreement of rho_12 at the last layer over the samples that did not stop.
+
+    When every sample of one side stopped there is nothing to compare: the statistics are
+    ``None`` (JSON null), never NaN, and the stopped counts say why.
+    """
     keep_f, keep_s = ~fin["stopped"], ~sde["stopped"]
-    c = compare.compare_samples(rho12(fin["V"][keep_f, -1]), rho12(sde["V"][keep_s, -1]))
-    return {
-        "ks_rho": c.ks, "ks_pvalue_rho": c.ks_pvalue, "w1_rho": c.w1,
-        "quantile_levels": list(compare.QUANTILE_LEVELS),
-        "quantiles_rho": {"finite": c.quantiles_finite, "sde": c.quantiles_sde},
-        "quantile_se_rho": {"finite": c.quantile_se_finite, "sde": c.quantile_se_sde},
-        "quantile_z_rho": c.quantile_z,
+    out = {
         "stopped_fraction": {"finite": compare.stopped_fraction(fin["stopped"]),
                              "sde": compare.stopped_fraction(sde["stopped"])},
         "stopped_count": {"finite": int(fin["stopped"].sum()), "sde": int(sde["stopped"].sum())},
+        "quantile_levels": list(compare.QUANTILE_LEVELS),
+    }
+    if not (keep_f.any() and keep_s.any()):
+        return out | dict.fromkeys(("ks_rho", "ks_pvalue_rho", "w1_rho", "quantiles_rho",
+                                    "quantile_se_rho", "quantile_z_rho"))
+    c = compare.compare_samples(rho12(fin["V"][keep_f, -1]), rho12(sde["V"][keep_s, -1]))
+    return out | {
+        "ks_rho": c.ks, "ks_pvalue_rho": c.ks_pvalue, "w1_rho": c.w1,
+        "quantiles_rho": {"finite": c.quantiles_finite, "sde": c.quantiles_sde},
+        "quantile_se_rho": {"finite": c.quantile_se_finite, "sde": c.quantile_se_sde},
+        "quantile_z_rho": c.quantile_z,
     }
 
 
@@ -329,6 +339,9 @@ def analyse(cfg: RunConfig, out: dict) -> tuple[dict, dict]:
     metrics["curves"] = {}
     for name, res in curves.items():
         keep = ~res["stopped"]
+        if not keep.any():
+            metrics["curves"][name] = {"stopped_fraction": 1.0}
+            continue
         rho = compare.band(rho12(res["V"]), keep)
         absv = compare.band(np.abs(res["V"]).mean(axis=(-2, -1)), keep)
         metrics["curves"][name] = {"final_mean_rho": rho.mean[-1], "final_median_abs_V": absv.median[-1],
@@ -341,10 +354,9 @@ def analyse(cfg: RunConfig, out: dict) -> tuple[dict, dict]:
         sweep = []
         for g in cfg.gammas:
             f, s = out[("finite", "shaped", g, cfg.width, cfg.depth)], out[("sde", g, cfg.T)]
-            row = {"gamma": g}
+            row = {"gamma": g, **comparison_metrics(f, s)}
             keep_f, keep_s = ~f["stopped"], ~s["stopped"]
-            if keep_f.any() and keep_s.any():
-                row |= comparison_metrics(f, s)
+            if row["ks_rho"] is not None:
                 row["p95_abs_rho"] = {"finite": float(np.quantile(np.abs(rho12(f["V"][keep_f, -1])), 0.95)),
                                       "sde": float(np.quantile(np.abs(rho12(s["V"][keep_s, -1])), 0.95))}
                 arrays[f"rho_finite_g{g:.6g}"] = rho12(f["V"][keep_f, -1])
@@ -354,8 +366,6 @@ def analyse(cfg: RunConfig, out: dict) -> tuple[dict, dict]:
                 "fraction": {"finite": float(np.isfinite(exit_f).mean()), "sde": float(np.isfinite(exit_s).mean())},
                 "median_time": {"finite": _median_or_none(exit_f), "sde": _median_or_none(exit_s)},
             }
-            row["stopped_fraction"] = {"finite": compare.stopped_fraction(f["stopped"]),
-                                       "sde": compare.stopped_fraction(s["stopped"])}
             sweep.append(row)
         metrics["gamma_sweep"] = sweep
     if cfg.sweep_widths:
@@ -364,6 +374,8 @@ def analyse(cfg: RunConfig, out: dict) -> tuple[dict, dict]:
             d = max(1, round(cfg.T * w))
             f = head_f if (w, d) == (cfg.width, cfg.depth) else out[("finite", "shaped", cfg.gamma, w, d)]
             c = comparison_metrics(f, head_s)
+            if c["ks_rho"] is None:
+                continue
             rows.append({"width": w, "depth": d, "T": d / w, "ks_rho": c["ks_rho"], "w1_rho": c["w1_rho"],
                          "stopped_fraction": c["stopped_fraction"]["finite"]})
         widths = np.array([r["width"] for r in rows], float)
@@ -402,12 +414,14 @@ def figures(cfg: RunConfig, metrics: dict, arrays: dict, run: RunDir) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     bins = np.linspace(-1, 1, 61)
-    ax.hist(arrays["rho_finite"][~arrays["stopped_finite"]], bins, density=True, alpha=0.5,
-            label=f"finite n={cfg.width}, d={cfg.depth}")
-    ax.hist(arrays["rho_sde"][~arrays["stopped_sde"]], bins, density=True, histtype="step", lw=2,
-            label=f"SDE T={cfg.T:.3g}")
-    ax.set(xlabel=r"$\rho_{12}$ at the last layer", ylabel="density",
-           title=f"KS {metrics['ks_rho']:.3f}, W1 {metrics['w1_rho']:.3f}")
+    rho_f, rho_s = arrays["rho_finite"][~arrays["stopped_finite"]], arrays["rho_sde"][~arrays["stopped_sde"]]
+    if rho_f.size:
+        ax.hist(rho_f, bins, density=True, alpha=0.5, label=f"finite n={cfg.width}, d={cfg.depth}")
+    if rho_s.size:
+        ax.hist(rho_s, bins, density=True, histtype="step", lw=2, label=f"SDE T={cfg.T:.3g}")
+    title = ("every sample of one side stopped: no comparison" if metrics["ks_rho"] is None
+             else f"KS {metrics['ks_rho']:.3f}, W1 {metrics['w1_rho']:.3f}")
+    ax.set(xlabel=r"$\rho_{12}$ at the last layer", ylabel="density", title=title)
     ax.legend(fontsize=8)
     fig.text(0.5, -0.02, note, ha="center", va="top", fontsize=8)
     run.save_figure(fig, "density_rho")
@@ -415,6 +429,8 @@ def figures(cfg: RunConfig, metrics: dict, arrays: dict, run: RunDir) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for name, info in metrics["curves"].items():
+        if f"curve_{name}_t" not in arrays:
+            continue
         t = arrays[f"curve_{name}_t"]
         label = f"{name} (stopped {info['stopped_fraction']:.1%})"
         line, = axes[0].plot(t, arrays[f"curve_{name}_rho_mean"], label=label, ls="--" if name == "sde" else "-")
@@ -451,7 +467,7 @@ def figures(cfg: RunConfig, metrics: dict, arrays: dict, run: RunDir) -> None:
         run.save_figure(fig, "gamma_sweep")
         plt.close(fig)
 
-    if "width_sweep" in metrics:
+    if metrics.get("width_sweep", {}).get("rows"):
         ws = metrics["width_sweep"]
         widths = [r["width"] for r in ws["rows"]]
         fig, ax = plt.subplots(figsize=(5, 3.6))
@@ -469,7 +485,8 @@ def figures(cfg: RunConfig, metrics: dict, arrays: dict, run: RunDir) -> None:
 
 def run(cfg: RunConfig, progress: bool = True) -> dict:
     """Execute (or resume) ``cfg`` and write every output; returns the metrics."""
-    jax.config.update("jax_enable_x64", cfg.dtype == "float64")
+    if cfg.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)  # float32 runs compute in V0's dtype either way
     config = dataclasses.asdict(cfg)
     for transient in ("out", "overwrite"):
         config.pop(transient)
@@ -492,6 +509,11 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"sde_vs_finite: error: {err}", file=sys.stderr)
         return 2
+    stopped = metrics["stopped_fraction"]
+    if metrics["ks_rho"] is None:
+        print(f"no comparison: every sample of one side stopped (finite {stopped['finite']:.0%}, "
+              f"SDE {stopped['sde']:.0%}); outputs in {cfg.out}")
+        return 0
     q = metrics["quantiles_rho"]
     print(f"KS(rho) = {metrics['ks_rho']:.4f} (p = {metrics['ks_pvalue_rho']:.3g}), "
           f"W1 = {metrics['w1_rho']:.4f}, stopped finite {metrics['stopped_fraction']['finite']:.2%}, "

@@ -126,12 +126,15 @@ def gram_map(key: jax.Array, n_out: int) -> Callable[[jax.Array], jax.Array]:
 
 
 def gram_maps(cfg: BlockConfig, key: jax.Array) -> BlockMaps:
-    """The maps of one block for the Gram sampler; sizes as listed in :class:`BlockMaps`."""
+    """The maps of one block for the Gram sampler; sizes as listed in :class:`BlockMaps`.
+
+    ``query_init="zero"`` gives a zero query map, as the module's zero kernel does."""
     att = cfg.attention
     ks = jax.random.split(key, 6)
     n, qk, v = cfg.width, att.num_heads * att.head_dim, att.num_heads * att.value_dim
+    zero_query = att.query_init == "zero"
     return BlockMaps(
-        query=gram_map(ks[0], qk),
+        query=(lambda x: jnp.zeros((*x.shape[:-1], qk), x.dtype)) if zero_query else gram_map(ks[0], qk),
         key=gram_map(ks[1], qk),
         value=gram_map(ks[2], v),
         output=gram_map(ks[3], n) if att.out_proj else None,

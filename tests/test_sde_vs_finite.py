@@ -1,0 +1,129 @@
+"""The main job: CLI validation, outputs, and resumption after SIGINT / SIGKILL."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import sde_vs_finite as job  # noqa: E402
+
+TINY = ["--m", "3", "--width", "12", "--depth", "6", "--samples", "96", "--sde-paths", "96",
+        "--chunk", "16", "--dt", "0.1", "--sweep-widths", "8,12", "--dtype", "float64"]
+
+
+def _run(args, out):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "sde_vs_finite.py"), *args, "--out", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_flags_override_the_preset():
+    cfg = job.resolve_config(["--preset", "fig1", "--samples", "10", "--gamma", "0.5"])
+    assert (cfg.width, cfg.depth, cfg.samples, cfg.gamma) == (200, 150, 10, 0.5)
+    assert cfg.variants == ("unshaped", "pre_ln")
+    assert job.resolve_config([]).preset == "quick"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gamma", "1.5"], "gamma=1.5 is outside (0, 1]"),
+        (["--gamma", "nan"], "gamma=nan must be finite"),
+        (["--tau0", "0"], "tau0=0.0 must be > 0"),
+        (["--rho0", "1"], "rho0=1.0 is outside (-0.5, 1)"),
+        (["--rho0", "-0.6"], "rho0=-0.6 is outside (-0.5, 1)"),
+        (["--width", "0"], "width=0 must be an integer >= 1"),
+        (["--depth", "-1"], "depth=-1 must be an integer >= 1"),
+        (["--samples", "0"], "samples=0 must be an integer >= 1"),
+        (["--sde-paths", "0"], "sde_paths=0 must be an integer >= 1"),
+        (["--dt", "0"], "dt=0.0 must lie in (0, T]"),
+        (["--dt", "2"], "dt=2.0 must lie in (0, T]"),
+        (["--preset", "fig9"], "preset='fig9' is not one of"),
+        (["--sampler", "loop"], "sampler='loop' is not one of"),
+        (["--block", "conv"], "block='conv' is not one of"),
+        (["--m", "1"], "m=1 must be >= 2"),
+        (["--gammas", "0.5,2"], "gamma=2.0 is outside (0, 1]"),
+        (["--variants", "shaped,bogus"], "variants: 'bogus' is not one of"),
+    ],
+)
+def test_bad_parameters_give_one_line_and_exit_2(args, message, capsys, tmp_path):
+    code = job.main([*args, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o").exists(), "no work may happen before validation"
+
+
+def test_refuses_an_output_directory_of_another_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert job.main([*TINY, "--out", str(out)]) == 0
+    code = job.main([*TINY, "--gamma", "0.3", "--out", str(out)])
+    assert code == 2 and "holds a run with a different config (differs in: gamma)" in capsys.readouterr().err
+    assert job.main([*TINY, "--gamma", "0.3", "--out", str(out), "--overwrite"]) == 0
+
+
+def test_outputs_and_determinism(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert job.main([*TINY, "--out", str(a)]) == 0
+    metrics = json.loads((a / "metrics.json").read_text())
+    for k in ("ks_rho", "ks_pvalue_rho", "w1_rho", "quantiles_rho", "stopped_fraction", "width", "depth",
+              "T", "num_samples", "sde_paths"):
+        assert k in metrics
+    assert len(metrics["quantiles_rho"]["finite"]) == 5 and len(metrics["quantiles_rho"]["sde"]) == 5
+    assert "ks_rate" in metrics["width_sweep"]
+    config = json.loads((a / "config.json").read_text())
+    assert config["config"]["width"] == 12 and config["environment"]["versions"]["jax"]
+    for stem in ("density_rho", "mean_rho", "width_sweep"):
+        assert (a / f"{stem}.png").stat().st_size > 0 and (a / f"{stem}.pdf").stat().st_size > 0
+    with np.load(a / "results.npz", allow_pickle=False) as f:
+        assert np.all(np.isfinite(f["rho_finite"]))
+    assert job.main([*TINY, "--out", str(b)]) == 0
+    assert (b / "metrics.json").read_text() == (a / "metrics.json").read_text()
+
+
+def test_nothing_non_finite_reaches_metrics_when_paths_blow_up(tmp_path):
+    # Large inputs and gamma = 1: the cubic attention drift blows up within T, paths stop.
+    out = tmp_path / "blow"
+    args = [*TINY, "--v0-scale", "100", "--gamma", "1", "--tau0", "0.3", "--stop-norm", "1e3",
+            "--sweep-widths", "", "--out", str(out)]
+    assert job.main(args) == 0
+    text = (out / "metrics.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    metrics = json.loads(text)
+    assert metrics["stopped_fraction"]["sde"] > 0.1
+    assert metrics["ks_rho"] is None or math.isfinite(metrics["ks_rho"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_resume_after_interruption_equals_uninterrupted(sig, tmp_path):
+    args = [*TINY, "--samples", "256", "--sde-paths", "256"]
+    reference = tmp_path / "reference"
+    assert _run(args, reference).wait(timeout=300) == 0
+
+    out = tmp_path / "interrupted"
+    proc = _run(args, out)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((out / "chunks").glob("*.npz"))) < 3:
+        time.sleep(0.05)
+    done = len(list((out / "chunks").glob("*.npz")))
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0, "the run finished before the signal; the test interrupted nothing"
+    assert 0 < done and not (out / "metrics.json").exists()
+    assert not list(out.rglob("*.tmp")) or sig == signal.SIGKILL  # SIGINT cleans up its temp file
+
+    assert _run(args, out).wait(timeout=300) == 0
+    assert (out / "metrics.json").read_text() == (reference / "metrics.json").read_text()
+    ref = np.load(reference / "results.npz", allow_pickle=False)
+    res = np.load(out / "results.npz", allow_pickle=False)
+    for k in ref.files:
+        np.testing.assert_array_equal(res[k], ref[k])
