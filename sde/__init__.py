@@ -1,1 +1,97 @@
-"""The covariance SDE of the shaped Transformer and finite-network Monte Carlo."""
+"""The covariance SDE of the shaped Transformer and finite-network Monte Carlo.
+
+Noci et al., "The Shaped Transformer" (arXiv 2306.17759); Li, Nica, Roy, "The Neural Covariance
+SDE" (arXiv 2206.02768). See spec/sde.md for the formulas.
+
+- :mod:`sde.params`: :class:`SDEParams` (validated, frozen; owns the block coefficients).
+- :mod:`sde.coefficients`: drift and diffusion matrix as pure functions of ``V``.
+- :mod:`sde.noise`: structured O(m^3) noise and the generic square-root route.
+- :mod:`sde.solve`: diffrax Euler integration, vmapped over paths, with stopping.
+"""
+
+from .coefficients import (
+    acal,
+    attention_bracket,
+    attention_gram,
+    centre,
+    correlation,
+    correlation_diffusion,
+    correlation_drift,
+    diffusion_matrix,
+    drift,
+    drift_attention,
+    drift_relu,
+    num_upper,
+    relu_nu,
+    sigma_lin,
+    sym_index,
+    sym_to_vec,
+    symmetrize,
+    upper_indices,
+    vec_to_sym,
+)
+from .noise import (
+    attention_factor,
+    cholesky_factor,
+    eigh_factor,
+    generic_noise,
+    psd_factor,
+    sample_noise,
+    sample_noise_generic,
+    structured_noise,
+)
+from .params import BLOCKS, SOFTMAX, AttentionConstants, SDEParams
+from .solve import (
+    CorrelationSolution,
+    GridBrownianPath,
+    SDESolution,
+    StructuredDiffusionTerm,
+    solve,
+    solve_correlation,
+    solve_drift,
+    stop_test,
+    time_grid,
+)
+
+__all__ = [
+    "AttentionConstants",
+    "BLOCKS",
+    "CorrelationSolution",
+    "GridBrownianPath",
+    "SDEParams",
+    "SDESolution",
+    "SOFTMAX",
+    "StructuredDiffusionTerm",
+    "acal",
+    "attention_bracket",
+    "attention_factor",
+    "attention_gram",
+    "centre",
+    "cholesky_factor",
+    "correlation",
+    "correlation_diffusion",
+    "correlation_drift",
+    "diffusion_matrix",
+    "drift",
+    "drift_attention",
+    "drift_relu",
+    "eigh_factor",
+    "generic_noise",
+    "num_upper",
+    "psd_factor",
+    "relu_nu",
+    "sample_noise",
+    "sample_noise_generic",
+    "sigma_lin",
+    "solve",
+    "solve_correlation",
+    "solve_drift",
+    "stop_test",
+    "structured_noise",
+    "sym_index",
+    "sym_to_vec",
+    "symmetrize",
+    "time_grid",
+    "upper_indices",
+    "vec_to_sym",
+]

@@ -1,0 +1,115 @@
+"""Compile time against depth: the scanned ``Stack`` and the finite samplers.
+
+Every measurement traces, lowers and compiles a *freshly defined* function (no trace or
+compilation cache hit) with ``jax.jit(f).lower(*args).compile()``; we report the median of
+``repeats`` (after one discarded warm-up compilation) of ``lower_s`` (tracing + lowering to StableHLO) and ``compile_s`` (XLA).
+
+* ``stack_forward``: ``(state, x) -> Stack(...)(x)`` with the parameters as inputs (the
+  model built abstractly with ``nnx.eval_shape``, so nothing is allocated). This is the
+  ``compile_d512_over_d8`` ratio.
+* ``stack_init_forward``: ``key -> Stack(cfg, depth, rngs=nnx.Rngs(key))(x0)`` (what the
+  per-sample loop of :mod:`bench_finite` compiles).
+* ``finite_gram`` / ``finite_weights``: one chunk of ``sde.FiniteSampler``.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bench_finite import block_config, v0
+from common import aot_compile
+
+from sde.finite import FiniteSampler, initial_tokens, sample_keys, sized_config
+from shaped_attn.models import Stack
+
+
+def _median(rows, key):
+    return statistics.median(r[key] for r in rows)
+
+
+def _summary(name, depth, rows):
+    return {"what": name, "depth": depth, "repeats": len(rows), "runs": rows,
+            "lower_s": _median(rows, "lower_s"), "compile_s": _median(rows, "compile_s"),
+            "total_s": _median(rows, "lower_s") + _median(rows, "compile_s")}
+
+
+def stack_forward(depth: int, *, width: int, m: int, repeats: int) -> dict:
+    cfg = sized_config(block_config(), width, None, jnp.float32)
+    rows = []
+    for _ in range(repeats):
+        abstract = nnx.eval_shape(lambda: Stack(cfg, depth, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        x = jax.ShapeDtypeStruct((m, width), jnp.float32)
+
+        def forward(state, x):
+            return nnx.merge(graphdef, state)(x, return_hidden=True).hidden
+
+        _, t = aot_compile(jax.jit(forward), state, x)
+        rows.append(t)
+    return _summary("stack_forward", depth, rows)
+
+
+def stack_init_forward(depth: int, *, width: int, m: int, repeats: int) -> dict:
+    cfg = sized_config(block_config(), width, None, jnp.float32)
+    x0 = initial_tokens(v0(m), width)
+    rows = []
+    for _ in range(repeats):
+        def forward(key):
+            return Stack(cfg, depth, rngs=nnx.Rngs(params=key))(x0)
+
+        _, t = aot_compile(jax.jit(forward), jax.random.key(0))
+        rows.append(t)
+    return _summary("stack_init_forward", depth, rows)
+
+
+def finite_sampler(sampler: str, depth: int, *, width: int, m: int, samples: int, repeats: int) -> dict:
+    rows = []
+    for _ in range(repeats):
+        runner = FiniteSampler(v0(m), block_config(), width=width, depth=depth, sampler=sampler)
+        S = -(-samples // runner.num_devices) * runner.num_devices
+        keys = sample_keys(jax.random.key(0), 0, S)
+        _, t = aot_compile(runner._run, keys, runner.x0)
+        rows.append(t)
+    return _summary(f"finite_{sampler}", depth, rows)
+
+
+def run(quick: bool = False, log=print, smoke: bool = False) -> dict:
+    width, m = (32, 4) if smoke else (256, 8)
+    depths = (8, 512) if quick or smoke else (8, 64, 512)
+    reps = 1 if smoke else 2 if quick else 3
+    out = {"settings": {"width": width, "m": m, "depths": list(depths), "repeats": reps,
+                        "block": "shaped transformer layer, float32"}}
+    stack_forward(depths[0], width=width, m=m, repeats=1)  # discarded: one-time start-up costs
+    for name, fn in (("stack_forward", stack_forward), ("stack_init_forward", stack_init_forward)):
+        out[name] = [fn(d, width=width, m=m, repeats=reps) for d in depths]
+        log(f"  {name}: " + ", ".join(f"d={r['depth']}: {r['total_s']:.2f} s" for r in out[name]))
+    for sampler in ("gram",) if smoke else ("gram", "weights"):
+        name = f"finite_{sampler}"
+        out[name] = [finite_sampler(sampler, d, width=width, m=m, samples=4, repeats=1 if quick or smoke else 2)
+                     for d in (depths[0], depths[-1])]
+        log(f"  {name}: " + ", ".join(f"d={r['depth']}: {r['total_s']:.2f} s" for r in out[name]))
+
+    def ratio(name):
+        rows = {r["depth"]: r for r in out[name]}
+        return rows[depths[-1]]["total_s"] / rows[depths[0]]["total_s"]
+
+    out["ratios"] = {
+        "compile_d512_over_d8": ratio("stack_forward"),
+        "compile_init_forward_d512_over_d8": ratio("stack_init_forward"),
+        "compile_finite_gram_d512_over_d8": ratio("finite_gram"),
+    }
+    if "finite_weights" in out:
+        out["ratios"]["compile_finite_weights_d512_over_d8"] = ratio("finite_weights")
+    out["note"] = "ratios use lower_s + compile_s (trace, lower and XLA compile), medians of repeats"
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run("--quick" in sys.argv), indent=2))

@@ -1,0 +1,223 @@
+"""Finite-network Monte Carlo speed: gram sampler, vmapped real weights, per-sample loop.
+
+Unit: **samples x layers per second** (one layer = attention + MLP sub-block of the shaped
+Transformer of spec/sde.md section 1, float32, m tokens, width n, key width n_k = n).
+
+* ``gram``: ``sde.FiniteSampler(..., sampler="gram")``, one compiled chunk of ``S`` samples.
+* ``weights``: ``sde.FiniteSampler(..., sampler="weights")``: real ``shaped_attn`` Block
+  modules with theory init built inside ``jax.vmap`` over sample keys, one layer's weights at a
+  time in a ``lax.scan``.
+* ``loop``: what a researcher writes without the library's sampler: for each sample i a Python
+  loop calls ``f(key_i)``, where ``f = jax.jit(key -> gram(Stack(cfg, depth,
+  rngs=nnx.Rngs(key))(x0, return_hidden=True).hidden))`` builds the real scanned stack (all
+  ``depth`` layers' weights at once) and applies it; the result is copied to NumPy.
+
+Every compiled function is built ahead of time (``lower().compile()``, timed separately) and
+timed as the median of repeats after a warm-up call.
+
+Also: gram-sampler cost against width (64 .. 4096) with a log-log fitted exponent, achieved
+GFLOP/s of the gram sampler against a large-matmul peak measured in the same process, and the
+random-number throughput (the gram and weights samplers both spend most of their time there).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from common import GAMMA, RHO0, aot_compile, fit_power, time_calls
+
+from sde.finite import FiniteSampler, gram, initial_tokens, sample_keys, sized_config
+from shaped_attn.config import shaped_config
+from shaped_attn.models import Stack
+
+HEADLINE = dict(width=1024, m=8, depth=64)
+
+LOOP_DESCRIPTION = (
+    "Python loop over samples i = 0..S-1 calling one jax.jit-compiled function of the key, "
+    "f(fold_in(key, i)), where f(k) = gram(Stack(cfg, depth, rngs=nnx.Rngs(params=k))(x0, "
+    "return_hidden=True).hidden): the real shaped_attn Stack (nnx.vmap-initialised, all depth "
+    "layers' weights materialised, lax.scan over layers) built and applied per sample; each "
+    "result copied to NumPy (np.asarray) inside the loop"
+)
+
+
+def v0(m: int, dtype=jnp.float32) -> jax.Array:
+    return jnp.asarray((1 - RHO0) * np.eye(m) + RHO0 * np.ones((m, m)), dtype)
+
+
+def block_config():
+    """``width -> BlockConfig`` of the fig1 shaped Transformer layer."""
+    return functools.partial(shaped_config, gamma=GAMMA, tau0=1.0, c_plus=0.0, c_minus=-1.0)
+
+
+def gram_layer_flops(m: int, n: int, n_k: int | None = None) -> int:
+    """Matmul flops of one gram-sampler layer (shaped, one head, no output projection).
+
+    4 Gram matrices ``x x^T / n`` (inputs of attention, MLP-in and MLP-out, and the recorded
+    ``V_l``): ``4 * 2 m^2 n``; 5 maps ``R @ G`` (query, key, value, MLP-in, MLP-out):
+    ``2 * 2 m^2 n_k + 3 * 2 m^2 n``; attention einsums ``Q K^T`` and ``A V``:
+    ``2 m^2 n_k + 2 m^2 n``. The m x m factorisations, softmax and elementwise work are not
+    counted.
+    """
+    n_k = n if n_k is None else n_k
+    return 8 * m * m * n + (4 * m * m * n_k + 6 * m * m * n) + (2 * m * m * n_k + 2 * m * m * n)
+
+
+GRAM_FLOPS_FORMULA = "8 m^2 n (4 Grams) + 4 m^2 n_k + 6 m^2 n (5 maps R G) + 2 m^2 n_k + 2 m^2 n (Q K^T, A V)"
+
+
+def sampler_rate(sampler: str, *, width: int, depth: int, m: int, samples: int, repeats: int,
+                 warmup: int = 1, seed: int = 0) -> dict:
+    """Samples x layers / s of one compiled ``FiniteSampler`` chunk of ``samples`` samples."""
+    runner = FiniteSampler(v0(m), block_config(), width=width, depth=depth, sampler=sampler)
+    S = -(-samples // runner.num_devices) * runner.num_devices
+    keys = jax.device_put(sample_keys(jax.random.key(seed), 0, S),
+                          NamedSharding(runner.mesh, PartitionSpec("samples")))
+    x0 = jax.device_put(runner.x0, NamedSharding(runner.mesh, PartitionSpec()))
+    # FiniteSampler.chunk calls this jitted function; AOT-compile it to time compilation alone.
+    compiled, ct = aot_compile(runner._run, keys, x0)
+    t = time_calls(lambda: compiled(keys, x0), repeats=repeats, warmup=warmup)
+    V = np.asarray(compiled(keys, x0)) if S * (depth + 1) * m * m < 5e7 else None
+    out = {"sampler": sampler, "width": width, "depth": depth, "m": m, "samples": S,
+           "devices": runner.num_devices, **ct, **t,
+           "samples_layers_per_s": S * depth / t["median_s"],
+           "s_per_sample_layer": t["median_s"] / (S * depth)}
+    if V is not None:
+        out["finite"] = bool(np.all(np.isfinite(V)))
+    return out
+
+
+def loop_rate(*, width: int, depth: int, m: int, samples: int, repeats: int, warmup: int = 1,
+              seed: int = 0) -> dict:
+    """Samples x layers / s of the per-sample Python loop over the real model (module docstring)."""
+    cfg = sized_config(block_config(), width, None, jnp.float32)
+    x0 = initial_tokens(v0(m), width)
+
+    def forward(key):
+        model = Stack(cfg, depth, rngs=nnx.Rngs(params=key))
+        return gram(model(x0, return_hidden=True).hidden)  # (depth + 1, m, m)
+
+    key = jax.random.key(seed)
+    compiled, ct = aot_compile(jax.jit(forward), key)
+
+    def loop():
+        return np.stack([np.asarray(compiled(jax.random.fold_in(key, i))) for i in range(samples)])
+
+    t = time_calls(loop, repeats=repeats, warmup=warmup)
+    return {"sampler": "loop", "width": width, "depth": depth, "m": m, "samples": samples,
+            "description": LOOP_DESCRIPTION, **ct, **t,
+            "samples_layers_per_s": samples * depth / t["median_s"],
+            "s_per_sample_layer": t["median_s"] / (samples * depth)}
+
+
+def matmul_peak(size: int, repeats: int = 5) -> dict:
+    """GFLOP/s of a ``size x size`` float32 ``jnp`` matmul (the achievable peak of this device)."""
+    a = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(2), (size, size), jnp.float32)
+    compiled, ct = aot_compile(jax.jit(jnp.matmul), a, b)
+    t = time_calls(lambda: compiled(a, b), repeats=repeats, warmup=1)
+    return {"size": size, "dtype": "float32", **ct, **t,
+            "gflops": 2 * size**3 / t["median_s"] / 1e9, "gflops_best": 2 * size**3 / t["min_s"] / 1e9}
+
+
+def rng_throughput(count: int = 1 << 22, repeats: int = 5) -> dict:
+    """Standard normals per second: ``jax.random.normal`` (default PRNG, float32) and NumPy's
+    ``default_rng().standard_normal`` (float32) on this machine."""
+    key = jax.random.key(0)
+    compiled, _ = aot_compile(jax.jit(lambda k: jax.random.normal(k, (count,), jnp.float32)), key)
+    t = time_calls(lambda: compiled(key), repeats=repeats, warmup=1)
+    rng = np.random.default_rng(0)
+    tn = time_calls(lambda: rng.standard_normal(count, dtype=np.float32), repeats=repeats, warmup=1)
+    return {"count": count, "jax_prng_impl": str(jax.config.jax_default_prng_impl),
+            "jax_normals_per_s": count / t["median_s"], "numpy_normals_per_s": count / tn["median_s"]}
+
+
+def width_sweep(widths, *, depth: int, m: int, normals_per_call: float, repeats: int) -> dict:
+    """Gram-sampler seconds per sample-layer against width, with a fitted exponent."""
+    rows = []
+    for n in widths:
+        per_sample = depth * 5 * m * n  # random normals of one sample
+        S = int(2 ** round(math.log2(max(8, normals_per_call / per_sample))))
+        r = sampler_rate("gram", width=n, depth=depth, m=m, samples=S, repeats=repeats)
+        r["gflops"] = gram_layer_flops(m, n) * r["samples_layers_per_s"] / 1e9
+        r["normals_per_s"] = 5 * m * n * r["samples_layers_per_s"]
+        rows.append(r)
+    fit = fit_power([r["width"] for r in rows], [r["s_per_sample_layer"] for r in rows])
+    large = [r for r in rows if r["width"] >= 512]
+    fit_large = fit_power([r["width"] for r in large], [r["s_per_sample_layer"] for r in large])
+    return {"sampler": "gram", "m": m, "depth": depth, "rows": rows,
+            "fit_all": fit, "fit_width_ge_512": fit_large,
+            "note": "cost = seconds per sample x layer; exponent p of cost ~ width^p (log-log least squares)"}
+
+
+def run(quick: bool = False, log=print, smoke: bool = False) -> dict:
+    """All finite-network benchmarks; returns a JSON-able dict with a ``ratios`` entry.
+
+    ``smoke``: tiny sizes that only exercise the code (tests); the numbers mean nothing."""
+    n, m, d = HEADLINE["width"], HEADLINE["m"], HEADLINE["depth"]
+    if smoke:
+        n, d, quick = 64, 4, True
+    reps = 2 if quick else 3
+    out: dict = {"headline_settings": dict(HEADLINE, gamma=GAMMA, rho0=RHO0, dtype="float32",
+                                           block="shaped transformer (attention + MLP), one head, n_k = n")}
+    t0 = time.perf_counter()
+    out["gram"] = sampler_rate("gram", width=n, depth=d, m=m, samples=32 if quick else 128, repeats=reps)
+    log(f"  gram    n={n} d={d}: {out['gram']['samples_layers_per_s']:.4g} samples*layers/s")
+    out["weights"] = sampler_rate("weights", width=n, depth=d, m=m, samples=2 if quick else 4,
+                                  repeats=1 if quick else 3)
+    log(f"  weights n={n} d={d}: {out['weights']['samples_layers_per_s']:.4g} samples*layers/s")
+    out["loop"] = loop_rate(width=n, depth=d, m=m, samples=2 if quick else 4, repeats=1 if quick else 3)
+    log(f"  loop    n={n} d={d}: {out['loop']['samples_layers_per_s']:.4g} samples*layers/s")
+    out["headline_seconds"] = time.perf_counter() - t0
+    if quick:
+        out["quick_note"] = ("quick mode keeps width 1024, m 8, depth 64 and reduces samples per call "
+                             "(gram 32, weights 2, loop 2) and repeats")
+
+    out["matmul_peak"] = matmul_peak(256 if smoke else 2048 if quick else 4096)
+    out["rng"] = rng_throughput(1 << 16 if smoke else 1 << 22)
+    flops = gram_layer_flops(m, n)
+    gflops = flops * out["gram"]["samples_layers_per_s"] / 1e9
+    out["gram_gflops"] = {
+        "width": n, "m": m, "flops_per_sample_layer": flops, "formula": GRAM_FLOPS_FORMULA,
+        "gflops": gflops, "matmul_peak_gflops": out["matmul_peak"]["gflops"],
+        "fraction_of_peak": gflops / out["matmul_peak"]["gflops"],
+        "normals_per_sample_layer": 5 * m * n,
+        "normals_per_s": 5 * m * n * out["gram"]["samples_layers_per_s"],
+        "rng_fraction": 5 * m * n * out["gram"]["samples_layers_per_s"] / out["rng"]["jax_normals_per_s"],
+    }
+    log(f"  gram GFLOP/s {gflops:.3g} of matmul peak {out['matmul_peak']['gflops']:.3g}; "
+        f"normals/s {out['gram_gflops']['normals_per_s']:.3g} vs jax.random.normal alone "
+        f"{out['rng']['jax_normals_per_s']:.3g}")
+
+    widths = (64, 256, 1024, 4096) if quick else (64, 128, 256, 512, 1024, 2048, 4096)
+    if smoke:
+        widths = (32, 64)
+    out["width_sweep"] = width_sweep(widths, depth=2 if smoke else 16 if quick else 64, m=m,
+                                     normals_per_call=1e4 if smoke else 1.5e7 if quick else 6e7,
+                                     repeats=reps)
+    fits = [out["width_sweep"][k]["exponent"] for k in ("fit_all", "fit_width_ge_512")]
+    log("  width sweep: cost ~ n^p, p = " + ", ".join(
+        f"{label} {p:.2f}" for label, p in zip(("all widths", "n >= 512"), fits) if p is not None))
+
+    g, w, lp = (out[k]["samples_layers_per_s"] for k in ("gram", "weights", "loop"))
+    out["ratios"] = {"finite_gram_vs_weights": g / w, "finite_weights_vs_loop": w / lp,
+                     "finite_gram_vs_loop": g / lp}
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    print(json.dumps(run(args.quick), indent=2))

@@ -1,0 +1,153 @@
+"""Render the README performance table (markdown) from a results JSON of ``benchmarks/run.py``.
+
+    python benchmarks/readme_table.py benchmarks/results/<machine-tag>.json          # print
+    python benchmarks/readme_table.py RESULTS.json --update README.md                # in place
+
+``--update`` replaces the text between ``<!-- bench-table:begin -->`` and
+``<!-- bench-table:end -->`` in the given file (the markers must already be there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
+
+RATIO_ROWS = (
+    ("sde_structured_vs_generic_m8", "SDE path-steps/s, structured vs generic noise (m = 8, 1000 paths)"),
+    ("sde_structured_vs_numpy_m8", "SDE path-steps/s, structured (JAX) vs NumPy Euler (m = 8, 1000 paths)"),
+    ("finite_gram_vs_weights", "finite samples x layers/s, gram vs real-weights vmap (n = 1024, m = 8, d = 64)"),
+    ("finite_weights_vs_loop", "finite samples x layers/s, real-weights vmap vs per-sample loop (same)"),
+    ("compile_d512_over_d8", "compile time of the scanned Stack forward, depth 512 / depth 8"),
+    ("main_job_numpy_over_jax", "main job wall time (fig1 target), NumPy / JAX"),
+)
+
+
+def _g(x, fmt=".3g", unit=""):
+    if x is None:
+        return "n/a"
+    return f"{x:{fmt}}{unit}"
+
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def machine_line(r: dict, source: str) -> str:
+    m = r["machine"]
+    if m["platform"] == "cpu":
+        hw = f"{m['cpu_model']}, {m['cpu_count']} CPU cores"
+    else:
+        hw = f"{m['device_count']} x {m['device_kind']} ({m['platform']}), host {m['cpu_model']}"
+    mode = "smoke" if r.get("smoke") else "quick" if r.get("quick") else "full"
+    return (f"Measured on {hw}; jax {m['jax']}; {mode} run of `benchmarks/run.py` on "
+            f"{r['created'][:10]} (`{source}`). Ratios are measured within that one run.")
+
+
+def ratio_table(r: dict) -> list[str]:
+    lines = ["| measure | ratio | target | |", "|---|---:|---:|---|"]
+    targets = r.get("targets", {})
+    for key, label in RATIO_ROWS:
+        t = targets.get(key, {})
+        value = r.get("ratios", {}).get(key)
+        met = t.get("met")
+        mark = "n/a" if met is None else ("met" if met else "**missed**")
+        lines.append(f"| {label} | {_g(value, '.3g', 'x')} | {t.get('target', '')} | {mark} |")
+    return lines
+
+
+def figures_table(r: dict) -> list[str]:
+    s = r.get("suites", {})
+    rows = []
+    fin = s.get("finite")
+    if fin:
+        rates = " / ".join(_g(_get(fin, k, "samples_layers_per_s"), ".3g") for k in ("gram", "weights", "loop"))
+        rows.append(("finite samples x layers/s, gram / weights / loop (n = 1024, m = 8, d = 64)", rates))
+        gf = fin.get("gram_gflops", {})
+        rows.append(("gram sampler GFLOP/s (matmul peak in the same run)",
+                     f"{_g(gf.get('gflops'))} ({_g(gf.get('fraction_of_peak'), '.1%')} of {_g(gf.get('matmul_peak_gflops'))})"))
+        ws = fin.get("width_sweep", {})
+        if ws.get("rows"):
+            widths = [x["width"] for x in ws["rows"]]
+            rows.append((f"gram cost vs width {widths[0]}..{widths[-1]} (m = 8): exponent p in n^p",
+                         f"{_g(_get(ws, 'fit_all', 'exponent'), '.2f')} (n >= 512: "
+                         f"{_g(_get(ws, 'fit_width_ge_512', 'exponent'), '.2f')})"))
+    sde = s.get("sde")
+    if sde and sde.get("cost_vs_m"):
+        parts = []
+        for route, c in sde["cost_vs_m"].items():
+            if c.get("m"):
+                parts.append(f"{route} {_g(_get(c, 'fit', 'exponent'), '.2f')}")
+        rows.append(("SDE cost per path-step vs m (2..64): exponent p in m^p", ", ".join(parts)))
+    comp = s.get("compile")
+    if comp and comp.get("stack_forward"):
+        rows.append(("compile time, scanned Stack forward (lower + XLA), by depth",
+                     ", ".join(f"d = {x['depth']}: {x['total_s']:.2f} s" for x in comp["stack_forward"])))
+    mj = s.get("main_job")
+    if mj:
+        st = mj["settings"]
+        note = " (reduced sizes)" if mj.get("reduced") else ""
+        rows.append((f"main job, {st['samples']} samples + {st['sde_paths']} SDE paths{note}: JAX / NumPy wall time",
+                     f"{_g(_get(mj, 'jax', 'wall_s'), '.1f', ' s')} / {_g(_get(mj, 'numpy', 'wall_s'), '.1f', ' s')}"))
+        rows.append(("main job KS(rho), JAX / NumPy",
+                     f"{_g(_get(mj, 'jax', 'ks_rho'), '.4f')} / {_g(_get(mj, 'numpy', 'ks_rho'), '.4f')}"))
+    mem = s.get("memory")
+    if mem:
+        for mode in ("streaming", "simulate_finite"):
+            if mode in mem:
+                rss = ", ".join(f"{x['samples']}: {x['max_rss_mb']:.0f} MB" for x in mem[mode]["rows"])
+                flat = "flat" if mem[mode]["flat"] else "**grows**"
+                rows.append((f"peak RSS of a chunked Monte Carlo ({mode}, chunk {mem['settings']['chunk']}) by samples",
+                             f"{rss} ({flat})"))
+    dev = s.get("devices")
+    if dev and dev.get("rows"):
+        rows.append(("gram sampler samples/s by (virtual CPU) device count",
+                     ", ".join(f"N = {x['devices']}: {x['samples_per_s']:.3g}" for x in dev["rows"])))
+    lines = ["| figure | value |", "|---|---|"]
+    lines += [f"| {a} | {b} |" for a, b in rows]
+    return lines
+
+
+def render(r: dict, source: str = "results.json") -> str:
+    out = [machine_line(r, source), "", *ratio_table(r), "", *figures_table(r)]
+    if r.get("errors"):
+        out += ["", "Not measured: " + "; ".join(f"{k} ({v.split(':')[0]})" for k, v in r["errors"].items())]
+    return "\n".join(out) + "\n"
+
+
+def update(path: Path, table: str) -> None:
+    text = path.read_text()
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} markers")
+    path.write_text(pattern.sub(lambda _: f"{BEGIN}\n{table}{END}", text))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", type=Path)
+    p.add_argument("--update", type=Path, default=None, help="markdown file with bench-table markers")
+    args = p.parse_args(argv)
+    r = json.loads(args.results.read_text())
+    try:
+        source = args.results.resolve().relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        source = args.results.name
+    table = render(r, source)
+    if args.update:
+        update(args.update, table)
+    else:
+        sys.stdout.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Drift and diffusion of the covariance SDE, as pure functions of the Gram matrix ``V``.
+
+References: Noci et al., "The Shaped Transformer" (arXiv 2306.17759), Theorem 3.2 and Appendix
+C.2 (attention); Li, Nica, Roy, "The Neural Covariance SDE" (arXiv 2206.02768) (shaped ReLU).
+Every formula below is written exactly once; spec/sde.md section 2 is the reference.
+
+State and conventions:
+
+- ``V`` has shape ``(..., m, m)`` (symmetric PSD); every function is batched over the leading
+  axes, pure, and ``jit``/``vmap``-able.
+- The diffusion matrix is a covariance over the ``D = m (m + 1) / 2`` upper-triangular entries
+  ``(a, b)``, ``a <= b``, ordered row-major: ``(0,0), (0,1), ..., (0,m-1), (1,1), ...``
+  (:func:`upper_indices`). Its shape is ``(..., D, D)``.
+
+Building blocks (no block coefficients; :class:`sde.params.SDEParams` owns those):
+
+- ``Sigma_lin(V)[ab, dw] = V_ad V_bw + V_aw V_bd``
+- ``Acal(V)[ab, dw] = V_ad G_bw + G_ad V_bw + V_aw G_bd + G_aw V_bd``,
+  ``G = V P V P V / m^2``, ``P = I - 1 1^T / m``
+- ``b_att(V) = (gamma^2 / tau0^2) [V tr(V F) / m^2 + (diag(V) (V g)^T + (V g) diag(V)^T) / (2m)]``
+  with ``F = P V P`` and ``g = diag(F) - tr(F) / m``. This is Appendix C.2 / Eq. 10; the main
+  text's Eq. 8 has a sign typo.
+- ``b_relu(V)_ab = nu(rho_ab) sqrt(V_aa V_bb)``, ``rho_ab = V_ab / sqrt(V_aa V_bb)``,
+  ``nu(rho) = (c_plus - c_minus)^2 / (2 pi) (sqrt(1 - rho^2) - rho arccos(rho))``. The paper's
+  appendix has ``(c_plus + c_minus)^2`` and ``+ rho arccos(rho)``: both typos
+  (``nu(1) = 0`` is required for the diagonal to be a martingale).
+
+Block combinations (spec section 2): ``drift = [attention] b_att + relu_drift_coeff b_relu``
+and ``diffusion_matrix = k_lin Sigma_lin + acal_coeff Acal``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .params import SOFTMAX, AttentionConstants, SDEParams
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------- index helpers
+
+
+@functools.lru_cache(maxsize=None)
+def upper_indices(m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of the upper triangle (diagonal included), row-major.
+
+    Returns ``(rows, cols)``, two int arrays of length ``D = m (m + 1) / 2`` with
+    ``(rows[p], cols[p]) = (0,0), (0,1), ..., (0,m-1), (1,1), ...``.
+    """
+    if m < 1:
+        raise ValueError(f"m={m} must be >= 1")
+    rows, cols = np.triu_indices(m)
+    rows.setflags(write=False)
+    cols.setflags(write=False)
+    return rows, cols
+
+
+def num_upper(m: int) -> int:
+    """``D = m (m + 1) / 2``, the number of upper-triangular entries of an m x m matrix."""
+    return m * (m + 1) // 2
+
+
+def dim_from_num_upper(D: int) -> int:
+    """Inverse of :func:`num_upper`; raises ValueError if ``D`` is not triangular."""
+    m = int(round((math.sqrt(8 * D + 1) - 1) / 2))
+    if m < 1 or num_upper(m) != D:
+        raise ValueError(f"D={D} is not m (m + 1) / 2 for an integer m >= 1")
+    return m
+
+
+@functools.lru_cache(maxsize=None)
+def sym_index(m: int) -> np.ndarray:
+    """``(m, m)`` int array: position in the upper-triangle vector of entry ``(a, b)``.
+
+    Symmetric: ``sym_index(m)[a, b] == sym_index(m)[b, a]``.
+    """
+    rows, cols = upper_indices(m)
+    idx = np.empty((m, m), dtype=np.int64)
+    idx[rows, cols] = np.arange(len(rows))
+    idx[cols, rows] = np.arange(len(rows))
+    idx.setflags(write=False)
+    return idx
+
+
+def sym_to_vec(A: Array) -> Array:
+    """Upper-triangle vector ``(..., D)`` of a (symmetric) matrix ``(..., m, m)``."""
+    rows, cols = upper_indices(A.shape[-1])
+    return A[..., rows, cols]
+
+
+def vec_to_sym(v: Array) -> Array:
+    """Symmetric matrix ``(..., m, m)`` from its upper-triangle vector ``(..., D)``."""
+    m = dim_from_num_upper(v.shape[-1])
+    return v[..., sym_index(m)]
+
+
+def symmetrize(A: Array) -> Array:
+    """``(A + A^T) / 2`` over the last two axes."""
+    return 0.5 * (A + jnp.swapaxes(A, -1, -2))
+
+
+# --------------------------------------------------------------------------- linear algebra
+
+
+def centre(V: Array) -> Array:
+    """``P V P`` with ``P = I - 1 1^T / m`` (double centring, O(m^2))."""
+    row = jnp.mean(V, axis=-1, keepdims=True)
+    col = jnp.mean(V, axis=-2, keepdims=True)
+    tot = jnp.mean(V, axis=(-2, -1), keepdims=True)
+    return V - row - col + tot
+
+
+def attention_gram(V: Array) -> Array:
+    """``G = V P V P V / m^2`` (= ``V (P V P) V / m^2``), the second factor of ``Acal``."""
+    m = V.shape[-1]
+    return V @ centre(V) @ V / m**2
+
+
+def _pair_product(A: Array, B: Array) -> Array:
+    """``X[ab, dw] = A_ad B_bw + A_aw B_bd`` over upper-triangular pairs, shape ``(..., D, D)``."""
+    rows, cols = upper_indices(A.shape[-1])
+    a, b = rows[:, None], cols[:, None]
+    d, w = rows[None, :], cols[None, :]
+    return A[..., a, d] * B[..., b, w] + A[..., a, w] * B[..., b, d]
+
+
+def sigma_lin(V: Array) -> Array:
+    """``Sigma_lin(V)[ab, dw] = V_ad V_bw + V_aw V_bd``, shape ``(..., D, D)``.
+
+    The covariance of the upper triangle of ``L (Z + Z^T) L^T / sqrt(2)``, ``L L^T = V``.
+    """
+    return _pair_product(V, V)
+
+
+def acal(V: Array) -> Array:
+    """``Acal(V)[ab, dw] = V_ad G_bw + G_ad V_bw + V_aw G_bd + G_aw V_bd``, ``(..., D, D)``.
+
+    ``G = V P V P V / m^2`` (:func:`attention_gram`). Zero for ``m = 1``.
+    """
+    G = attention_gram(V)
+    return _pair_product(V, G) + _pair_product(G, V)
+
+
+# --------------------------------------------------------------------------- attention drift
+
+
+def attention_bracket(V: Array, constants: AttentionConstants = SOFTMAX) -> Array:
+    """The bracket of ``b_att`` (without ``gamma^2 / tau0^2``), shape ``(..., m, m)``.
+
+    ``V tr(V F) / m^2 + (diag(V) (V g)^T + (V g) diag(V)^T) / (2m)`` with ``F = P V P`` and
+    ``g = diag(F) - tr(F) / m``. O(m^2) per matrix.
+    """
+    m = V.shape[-1]
+    F = centre(V)
+    tr_VF = jnp.sum(V * F, axis=(-2, -1))
+    diag_F = jnp.diagonal(F, axis1=-2, axis2=-1)
+    g = diag_F - jnp.mean(diag_F, axis=-1, keepdims=True)
+    Vg = jnp.sum(V * g[..., None, :], axis=-1)
+    dV = jnp.diagonal(V, axis1=-2, axis2=-1)
+    outer = dV[..., :, None] * Vg[..., None, :]
+    return constants.trace_weight * V * (tr_VF / m**2)[..., None, None] + constants.outer_weight * (
+        outer + jnp.swapaxes(outer, -1, -2)
+    ) / (2 * m)
+
+
+def drift_attention(V: Array, params: SDEParams) -> Array:
+    """``b_att(V) = (gamma^2 / tau0^2) * bracket``, the paper's attention drift.
+
+    Uses ``params.gamma`` and ``params.tau0`` whatever ``params.block`` is (0 for
+    ``tau0 = inf``). Homogeneous of degree 3 in ``V``; ``m = 1`` gives 0; ``m = 2`` gives
+    ``gamma^2 / (4 tau0^2) q^2 V`` with ``q = (V11 + V22 - 2 V12) / 2``.
+    """
+    return params.attention_scale * attention_bracket(V, params.attention_constants)
+
+
+# --------------------------------------------------------------------------- ReLU drift
+
+
+def relu_nu(rho: Array, c_plus: float, c_minus: float) -> Array:
+    """``nu(rho) = (c_plus - c_minus)^2 / (2 pi) (sqrt(1 - rho^2) - rho arccos(rho))``.
+
+    ``rho`` is clipped to ``[-1, 1]``. ``nu(1) = 0``, ``nu(0) = (c_plus - c_minus)^2 / (2 pi)``.
+    Shared by :func:`drift_relu` and the correlation SDE (:func:`correlation_drift`).
+    """
+    rho = jnp.clip(rho, -1.0, 1.0)
+    scale = (c_plus - c_minus) ** 2 / (2.0 * math.pi)
+    return scale * (jnp.sqrt(jnp.maximum(1.0 - rho * rho, 0.0)) - rho * jnp.arccos(rho))
+
+
+def correlation(V: Array) -> Array:
+    """``rho_ab = V_ab / sqrt(V_aa V_bb)`` (1 on the diagonal; 0 where a variance is 0)."""
+    d = jnp.diagonal(V, axis1=-2, axis2=-1)
+    s2 = d[..., :, None] * d[..., None, :]
+    pos = s2 > 0
+    rho = V / jnp.sqrt(jnp.where(pos, s2, 1.0))
+    rho = jnp.where(pos, rho, 0.0)
+    eye = jnp.eye(V.shape[-1], dtype=bool)
+    return jnp.where(eye, jnp.ones_like(rho), rho)
+
+
+def drift_relu(V: Array, params: SDEParams) -> Array:
+    """``b_relu(V)_ab = nu(rho_ab) sqrt(V_aa V_bb)`` (without the block's ``gamma^2``).
+
+    Zero on the diagonal (``nu(1) = 0``). Homogeneous of degree 1 in ``V``.
+    """
+    d = jnp.diagonal(V, axis1=-2, axis2=-1)
+    s2 = jnp.maximum(d[..., :, None] * d[..., None, :], 0.0)
+    return relu_nu(correlation(V), params.c_plus, params.c_minus) * jnp.sqrt(s2)
+
+
+# --------------------------------------------------------------------------- block coefficients
+
+
+def drift(V: Array, params: SDEParams) -> Array:
+    """Drift ``b(V)`` of ``params.block``, shape ``(..., m, m)``.
+
+    ``"attention"``: ``b_att``; ``"mlp"``: ``gamma^2 b_relu``;
+    ``"transformer"``: ``b_att + gamma^2 b_relu``.
+    """
+    out = jnp.zeros_like(V)
+    if params.attention_drift_coeff != 0.0:
+        out = out + params.attention_drift_coeff * attention_bracket(V, params.attention_constants)
+    if params.relu_drift_coeff != 0.0:
+        out = out + params.relu_drift_coeff * drift_relu(V, params)
+    return out
+
+
+def diffusion_matrix(V: Array, params: SDEParams) -> Array:
+    """Diffusion matrix ``Sigma(V) = k_lin Sigma_lin + acal_coeff Acal``, ``(..., D, D)``.
+
+    ``k_lin`` and ``acal_coeff`` come from :class:`SDEParams` (``Acal`` divided by the number
+    of heads, an unverified heuristic for ``heads > 1``).
+    """
+    out = params.k_lin * sigma_lin(V)
+    if params.acal_coeff != 0.0:
+        out = out + params.acal_coeff * acal(V)
+    return out
+
+
+# --------------------------------------------------------------------------- correlation SDE
+
+
+def _check_mlp(params: SDEParams) -> None:
+    if params.block != "mlp":
+        raise ValueError(
+            f"block={params.block!r}: the autonomous correlation SDE exists for block='mlp' only"
+        )
+
+
+def correlation_drift(rho: Array, params: SDEParams) -> Array:
+    """Drift of ``rho = V12 / sqrt(V11 V22)`` under the residual shaped-ReLU MLP block.
+
+    By Ito's formula on the ``m = 2`` SDE ``dV = gamma^2 b_relu dt + sqrt(k_lin) Sigma_lin^{1/2} dB``:
+    ``relu_drift_coeff * nu(rho) - (k_lin / 2) rho (1 - rho^2)``, i.e.
+    ``gamma^2 [nu(rho) - rho (1 - rho^2)]`` (spec section 5).
+    """
+    _check_mlp(params)
+    return params.relu_drift_coeff * relu_nu(
+        rho, params.c_plus, params.c_minus
+    ) - 0.5 * params.k_lin * rho * (1.0 - rho * rho)
+
+
+def correlation_diffusion(rho: Array, params: SDEParams) -> Array:
+    """Diffusion of ``rho``: ``sqrt(k_lin) (1 - rho^2) = sqrt(2) gamma (1 - rho^2)``."""
+    _check_mlp(params)
+    return math.sqrt(params.k_lin) * (1.0 - rho * rho)

@@ -1,0 +1,609 @@
+"""Euler-Maruyama integration of the covariance SDE with diffrax, vmapped over paths.
+
+``dV = b(V) dt + Sigma(V)^{1/2} dB`` (Ito; spec/sde.md section 2) is integrated with
+``diffrax.Euler`` (which converges to the Ito solution), one ``solver.step`` per grid step
+inside a ``jax.lax.scan`` so that each path can be frozen individually when it stops. The
+terms are ``diffrax.MultiTerm(ODETerm(drift), diffusion)``:
+
+- ``noise="structured"`` (default): :class:`StructuredDiffusionTerm`, a diffrax term whose
+  Brownian motion has shape ``(2, m, m)`` (``Z1, Z2`` scaled by ``sqrt(dt)``) and whose
+  vector field/control product is the O(m^3) structured noise of :mod:`sde.noise`.
+- ``noise="generic"``: the stock ``diffrax.ControlTerm`` with a ``D``-dimensional Brownian motion
+  and the vector field ``Sigma(V)^{1/2}`` (``eigh`` of the ``D x D`` diffusion matrix) reshaped
+  to ``(m, m, D)``; O(m^6) per step. The reference route.
+
+Each path's Brownian motion (:class:`GridBrownianPath`) is built inside the vmapped function
+from the path's own key ``fold_in(key, i)``, ``i`` the path index: results do not depend on
+``num_paths`` or ``chunk_size``. Paths are vmapped in chunks of ``chunk_size``; a Python loop
+over chunks calls one jitted function (padded last chunk), which compiles once per
+configuration.
+
+Stopping (spec section 2: convergence holds up to ``inf{t : ||V_t|| >= r}``, and the attention
+drift is cubic, so paths blow up): after every step the new state ``V`` is tested and the path
+is *stopped* if
+
+- any entry is non-finite, or
+- ``max_ab |V_ab| > stop_norm``, or
+- ``lambda_min(V) < -psd_tol * max(1, max_ab |V_ab|)``. This is tested by a Cholesky
+  factorisation of ``V + psd_tol * max(1, max|V|) I`` (it fails exactly when the test fails, up
+  to rounding). Euler-Maruyama does not preserve positive semi-definiteness; paths near the
+  boundary (``rho -> 1``, large ``m dt``) can leave the cone and are stopped.
+
+A stopped path is frozen at its last good state (the state one step before ``stop_time``) for
+all later saves; ``stopped[i]`` is True and ``stop_time[i]`` is the first grid time at which the
+state failed the test. Paths that never stop have ``stop_time = inf``. Nothing is NaN: saved
+values are always the last good state.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .coefficients import (
+    correlation_diffusion,
+    correlation_drift,
+    diffusion_matrix,
+    drift,
+    sym_index,
+    symmetrize,
+)
+from .noise import FACTORS, psd_factor, psd_sqrt, structured_noise
+from .params import SDEParams
+
+Array = jax.Array
+
+NOISES = ("structured", "generic")
+BROWNIANS = ("grid", "tree")
+TREE_RESOLUTION = 2.0**-20
+"""Resolution of the ``brownian="tree"`` VirtualBrownianTree, relative to T."""
+
+
+# --------------------------------------------------------------------------- results
+
+
+class SDESolution(NamedTuple):
+    """Result of :func:`solve` (a pytree).
+
+    Attributes:
+      ts: ``(K,)`` save times ``k * save_every * dt``, from 0 to T.
+      V: ``(num_paths, K, m, m)`` states at the save times (frozen after a stop).
+      stopped: ``(num_paths,)`` bool, True for paths that were stopped.
+      stop_time: ``(num_paths,)`` first grid time at which the path failed the stopping test;
+        ``inf`` for paths that never stopped.
+    """
+
+    ts: Array
+    V: Array
+    stopped: Array
+    stop_time: Array
+
+    @property
+    def stopped_fraction(self) -> float:
+        """Fraction of paths that were stopped."""
+        return float(np.mean(np.asarray(self.stopped)))
+
+
+class CorrelationSolution(NamedTuple):
+    """Result of :func:`solve_correlation`: as :class:`SDESolution` with ``rho`` of shape
+    ``(num_paths, K)`` in place of ``V``."""
+
+    ts: Array
+    rho: Array
+    stopped: Array
+    stop_time: Array
+
+    @property
+    def stopped_fraction(self) -> float:
+        """Fraction of paths that were stopped."""
+        return float(np.mean(np.asarray(self.stopped)))
+
+
+# --------------------------------------------------------------------------- diffrax pieces
+
+
+class GridBrownianPath(diffrax.AbstractBrownianPath):
+    """Brownian motion sampled on a fixed grid ``t_n = n h`` (like ``diffrax.UnsafeBrownianPath``).
+
+    The increment over ``[t0, t1]`` is ``sqrt(t1 - t0) * normal(fold_in(key, n))`` with
+    ``n = round(t0 / h)``. Valid only for steps between consecutive grid points of a fixed-step
+    solve (the only way it is used here). Unlike ``UnsafeBrownianPath`` (which derives the
+    random stream from the bits of ``t0`` and ``t1`` cast to float32) the stream is indexed by
+    the integer step, so float32 times never collide, and results are deterministic.
+    """
+
+    shape: tuple[int, ...] = eqx.field(static=True)
+    dtype: Any = eqx.field(static=True)
+    key: Array
+    h: Array
+    levy_area: type = eqx.field(static=True, default=diffrax.BrownianIncrement)
+
+    @property
+    def t0(self):
+        return -jnp.inf
+
+    @property
+    def t1(self):
+        return jnp.inf
+
+    def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
+        del left
+        if t1 is None:
+            raise ValueError("GridBrownianPath only provides increments over grid steps")
+        n = jnp.round(t0 / self.h).astype(jnp.int32)
+        dt = jnp.asarray(t1 - t0, self.dtype)
+        w = jax.random.normal(jax.random.fold_in(self.key, n), self.shape, self.dtype)
+        w = w * jnp.sqrt(dt)
+        if use_levy:
+            return diffrax.BrownianIncrement(dt=dt, W=w)
+        return w
+
+
+class StructuredDiffusionTerm(diffrax.AbstractTerm):
+    """Diffusion term ``N(V; dW)`` of the covariance SDE with the structured O(m^3) noise.
+
+    The control is a Brownian motion of shape ``(2, m, m)`` (``dW = sqrt(dt) (Z1, Z2)``); the
+    vector field at ``V`` is the pair ``(V, L)`` with ``L L^T = V`` (factor of
+    :func:`sde.noise.psd_factor`), and ``prod`` is :func:`sde.noise.structured_noise`, linear
+    in ``dW``. The upper triangle of ``prod(vf(V), dW)`` has covariance
+    ``dt * diffusion_matrix(V, params)``.
+    """
+
+    params: SDEParams = eqx.field(static=True)
+    control: diffrax.AbstractPath
+    factor: str = eqx.field(static=True, default="cholesky")
+    psd_tol: Any = 0.0
+
+    def vf(self, t, y, args):
+        jitter = self.psd_tol * jnp.maximum(1.0, jnp.max(jnp.abs(y), axis=(-2, -1)))
+        return y, psd_factor(y, self.factor, jitter)
+
+    def contr(self, t0, t1, **kwargs):
+        return self.control.evaluate(t0, t1, **kwargs)
+
+    def prod(self, vf, control):
+        V, L = vf
+        return structured_noise(V, L, control[0], control[1], self.params)
+
+
+def _generic_vector_field(params: SDEParams):
+    """``(m, m, D)`` tensor ``Sigma(V)^{1/2}`` mapped to symmetric matrices, for ControlTerm."""
+
+    def vector_field(t, V, args):
+        R = psd_sqrt(diffusion_matrix(V, params))  # (D, D)
+        return R[sym_index(V.shape[-1])]  # (m, m, D): N_ab = sum_k R[p(a,b), k] dW_k
+
+    return vector_field
+
+
+def _brownian_path(brownian: str, shape, dtype, key, h, T):
+    """The path's Brownian motion: ``"grid"`` (fast) or ``"tree"`` (``VirtualBrownianTree``)."""
+    if brownian == "grid":
+        return GridBrownianPath(shape, dtype, key, h)
+    # A resolution that does not depend on the step (T / 2^20), so that the same key gives the
+    # same Brownian path for every dt: nested grids => common random numbers.
+    return diffrax.VirtualBrownianTree(
+        t0=0.0,
+        t1=T,
+        tol=T * TREE_RESOLUTION,
+        shape=jax.ShapeDtypeStruct(shape, dtype),
+        key=key,
+    )
+
+
+def _drift_term(params: SDEParams) -> diffrax.ODETerm:
+    return diffrax.ODETerm(lambda t, V, args: drift(V, params))
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+def stop_test(V: Array, stop_norm, psd_tol) -> Array:
+    """True where ``V`` is non-finite, ``max|V| > stop_norm`` or ``lambda_min(V) < -psd_tol * max(1, max|V|)``."""
+    finite = jnp.all(jnp.isfinite(V), axis=(-2, -1))
+    Vs = jnp.where(finite[..., None, None], V, jnp.zeros_like(V))
+    scale = jnp.max(jnp.abs(Vs), axis=(-2, -1))
+    delta = psd_tol * jnp.maximum(1.0, scale)
+    eye = jnp.eye(V.shape[-1], dtype=V.dtype)
+    Lc = jnp.linalg.cholesky(Vs + delta[..., None, None] * eye)
+    psd = jnp.all(jnp.isfinite(Lc), axis=(-2, -1))
+    return ~finite | (scale > stop_norm) | ~psd
+
+
+def _integrate(terms, solver, y0, h, num_saves: int, save_every, is_bad, post):
+    """Fixed-step loop over ``solver.step`` with per-path freezing.
+
+    ``num_saves`` (static) blocks of ``save_every`` (traced) steps: the compiled program does not
+    depend on the number of steps, only on the number of saves. Returns
+    ``(ys (num_saves + 1, ...), stopped, stop_time)``.
+    """
+    dtype = y0.dtype
+    t_first = jnp.zeros((), dtype)
+    state0 = solver.init(terms, t_first, t_first + h, y0, None)
+
+    def step(n, carry):
+        y, state, stopped, stop_time = carry
+        t0 = n.astype(dtype) * h
+        t1 = (n + 1).astype(dtype) * h
+        y1, _, _, state1, _ = solver.step(terms, t0, t1, y, None, state, made_jump=False)
+        y1 = post(y1)
+        bad = is_bad(y1)
+        stop_time = jnp.where(bad & ~stopped, t1, stop_time)
+        stopped = stopped | bad
+        y = jnp.where(stopped, y, y1)
+        return y, state1, stopped, stop_time
+
+    def save_block(carry, k):
+        first = k * save_every
+        carry = jax.lax.fori_loop(first, first + save_every, step, carry)
+        return carry, carry[0]
+
+    carry0 = (y0, state0, jnp.array(False), jnp.array(jnp.inf, dtype))
+    (_, _, stopped, stop_time), ys = jax.lax.scan(
+        save_block, carry0, jnp.arange(num_saves, dtype=jnp.int32)
+    )
+    ys = jnp.concatenate([y0[None], ys], axis=0)
+    return ys, stopped, stop_time
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("params", "num_saves", "noise", "factor", "deterministic", "brownian"),
+)
+def _solve_chunk(
+    keys,
+    V0s,
+    h,
+    save_every,
+    stop_norm,
+    psd_tol,
+    *,
+    params,
+    num_saves,
+    noise,
+    factor,
+    deterministic,
+    brownian,
+):
+    """Solve a chunk of paths: ``keys (C,)``, ``V0s (C, m, m)``; jitted, vmapped over paths."""
+    m = V0s.shape[-1]
+    dtype = V0s.dtype
+    T = num_saves * save_every * h
+
+    def path(key, V0):
+        if deterministic:
+            terms = _drift_term(params)
+            solver = diffrax.Tsit5()
+        else:
+            shape = (2, m, m) if noise == "structured" else (m * (m + 1) // 2,)
+            bm = _brownian_path(brownian, shape, dtype, key, h, T)
+            if noise == "structured":
+                diffusion = StructuredDiffusionTerm(params, bm, factor, psd_tol)
+            else:
+                diffusion = diffrax.ControlTerm(_generic_vector_field(params), bm)
+            terms = diffrax.MultiTerm(_drift_term(params), diffusion)
+            solver = diffrax.Euler()
+        return _integrate(
+            terms,
+            solver,
+            V0,
+            h,
+            num_saves,
+            save_every,
+            lambda V: stop_test(V, stop_norm, psd_tol),
+            symmetrize,
+        )
+
+    return jax.vmap(path)(keys, V0s)
+
+
+@functools.partial(jax.jit, static_argnames=("params", "num_saves", "brownian"))
+def _solve_correlation_chunk(keys, rho0s, h, save_every, psd_tol, *, params, num_saves, brownian):
+    dtype = rho0s.dtype
+    T = num_saves * save_every * h
+
+    def path(key, rho0):
+        bm = _brownian_path(brownian, (), dtype, key, h, T)
+        terms = diffrax.MultiTerm(
+            diffrax.ODETerm(lambda t, r, args: correlation_drift(r, params)),
+            diffrax.ControlTerm(lambda t, r, args: correlation_diffusion(r, params), bm),
+        )
+        return _integrate(
+            terms,
+            diffrax.Euler(),
+            rho0,
+            h,
+            num_saves,
+            save_every,
+            lambda r: ~jnp.isfinite(r) | (jnp.abs(r) > 1.0 + psd_tol),
+            lambda r: r,
+        )
+
+    return jax.vmap(path)(keys, rho0s)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    return int(value)
+
+
+def _positive_real(name: str, value, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}={value!r} must be a real number")
+    value = float(value)
+    ok = value >= 0.0 if allow_zero else value > 0.0
+    if not (math.isfinite(value) and ok):
+        rng = "[0, inf)" if allow_zero else "(0, inf)"
+        raise ValueError(f"{name}={value!r} is outside {rng}")
+    return value
+
+
+def time_grid(T, dt, save_every: int = 1) -> tuple[int, float]:
+    """Validate the grid; return ``(n_steps, h)`` with ``n_steps = round(T / dt)``, ``h = T / n_steps``.
+
+    ``T / dt`` must be an integer within relative rounding ``1e-9`` and ``save_every`` must
+    divide it. The step actually used is ``h = T / n_steps`` (equal to ``dt`` up to rounding),
+    so the last save time is exactly ``T``.
+    """
+    T = _positive_real("T", T)
+    dt = _positive_real("dt", dt)
+    if dt > T:
+        raise ValueError(f"dt={dt!r} is outside (0, T={T!r}]")
+    n_steps = int(round(T / dt))
+    if abs(n_steps * dt - T) > 1e-9 * T:
+        raise ValueError(f"T/dt={T / dt!r} must be an integer number of steps (T={T}, dt={dt})")
+    save_every = _positive_int("save_every", save_every)
+    if n_steps % save_every:
+        raise ValueError(f"save_every={save_every} does not divide the number of steps {n_steps}")
+    return n_steps, T / n_steps
+
+
+def _check_brownian(brownian: str, n_steps: int) -> None:
+    if brownian not in BROWNIANS:
+        raise ValueError(f"brownian={brownian!r} is not one of {BROWNIANS}")
+    if brownian == "tree" and n_steps > 2**16:
+        raise ValueError(f"brownian='tree' supports at most 2^16 steps, got T/dt={n_steps}")
+
+
+def _float_dtype(x, name: str):
+    dtype = np.asarray(x).dtype
+    if dtype in (np.float32, np.float64):
+        return dtype
+    if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+        return np.dtype(jnp.result_type(float))
+    raise ValueError(f"{name} has dtype {dtype}; use float32 or float64")
+
+
+def _default_tol(dtype, psd_tol):
+    if psd_tol is None:
+        return float(np.sqrt(np.finfo(dtype).eps))
+    return _positive_real("psd_tol", psd_tol, allow_zero=True)
+
+
+def validate_gram(V0, num_paths: int, psd_tol: float, stop_norm: float = math.inf) -> np.ndarray:
+    """Check ``V0`` (``(m, m)`` or ``(num_paths, m, m)``): finite, symmetric, PSD, below stop_norm.
+
+    Symmetry and PSD are tested with tolerance ``tol * max(1, max|V0|)``,
+    ``tol = max(psd_tol, sqrt(eps))``. Returns the symmetrised host array, batched to
+    ``(num_paths, m, m)``.
+    """
+    dtype = _float_dtype(V0, "V0")
+    V = np.asarray(V0, dtype=dtype)
+    if V.ndim not in (2, 3) or V.shape[-1] != V.shape[-2] or V.shape[-1] < 1:
+        raise ValueError(f"V0 has shape {V.shape}; expected (m, m) or (num_paths, m, m)")
+    if V.ndim == 3 and V.shape[0] != num_paths:
+        raise ValueError(f"V0 has {V.shape[0]} matrices but num_paths={num_paths}")
+    if not np.all(np.isfinite(V)):
+        raise ValueError("V0 has non-finite entries")
+    scale = np.maximum(1.0, np.max(np.abs(V), axis=(-2, -1)))
+    tol = max(psd_tol, float(np.sqrt(np.finfo(dtype).eps)))
+    asym = np.max(np.abs(V - np.swapaxes(V, -1, -2)), axis=(-2, -1))
+    if np.any(asym > tol * scale):
+        raise ValueError(f"V0 is not symmetric: max |V0 - V0^T| = {np.max(asym):.3g}")
+    V = 0.5 * (V + np.swapaxes(V, -1, -2))
+    lam_min = np.linalg.eigvalsh(V.astype(np.float64))[..., 0]
+    if np.any(lam_min < -tol * scale):
+        raise ValueError(
+            f"V0 is not PSD: smallest eigenvalue {np.min(lam_min):.3g} < -{tol:.3g} * max(1, max|V0|)"
+        )
+    if np.any(np.max(np.abs(V), axis=(-2, -1)) > stop_norm):
+        raise ValueError(f"V0 has max |entry| {np.max(np.abs(V)):.3g} > stop_norm={stop_norm}")
+    if V.ndim == 2:
+        V = np.broadcast_to(V, (num_paths,) + V.shape)
+    return V
+
+
+def _path_keys(key, num_paths: int):
+    if key is None:
+        raise ValueError("key=None: a JAX PRNG key is required for a stochastic solve")
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_paths, dtype=jnp.uint32))
+
+
+def _run_chunks(fn, keys, inits, num_paths: int, chunk_size: int | None):
+    """Call the jitted ``fn(keys_chunk, inits_chunk)`` over fixed-size chunks (padded)."""
+    C = num_paths if chunk_size is None else min(_positive_int("chunk_size", chunk_size), num_paths)
+    outs = []
+    for start in range(0, num_paths, C):
+        stop = min(start + C, num_paths)
+        idx = np.arange(start, start + C)
+        idx[idx >= stop] = start  # pad the last chunk by repeating its first path
+        out = fn(keys[idx], inits[idx])
+        outs.append(jax.tree_util.tree_map(lambda x: x[: stop - start], out))
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0), *outs)
+
+
+DEFAULT_CHUNK = 1024
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def solve(
+    V0,
+    params: SDEParams,
+    *,
+    T: float,
+    dt: float,
+    num_paths: int = 1,
+    key=None,
+    save_every: int = 1,
+    noise: str = "structured",
+    stop_norm: float = 1e4,
+    psd_tol: float | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK,
+    factor: str = "cholesky",
+    brownian: str = "grid",
+    deterministic: bool = False,
+) -> SDESolution:
+    """Simulate ``num_paths`` paths of the covariance SDE of ``params.block`` from ``V0``.
+
+    Euler-Maruyama (``diffrax.Euler``, Ito) on the grid ``t_n = n h``, ``h = T / round(T / dt)``;
+    states saved every ``save_every`` steps. See the module docstring for the stopping rule.
+
+    Arguments:
+      V0: initial Gram matrix ``(m, m)``, or one per path ``(num_paths, m, m)``; finite,
+        symmetric and PSD (tolerance ``max(psd_tol, sqrt(eps)) * max(1, max|V0|)``). Its dtype
+        (float32 or float64) is the dtype of the computation and of the result.
+      params: :class:`SDEParams`.
+      T: final time ``d / n`` (> 0).
+      dt: step, in ``(0, T]``; ``T / dt`` must be an integer (within ``1e-9`` relative).
+      num_paths: number of independent paths (>= 1).
+      key: JAX PRNG key; path ``i`` uses ``fold_in(key, i)``, so paths do not depend on
+        ``num_paths`` or ``chunk_size``. Not needed when ``deterministic``.
+      save_every: save every this many steps; must divide the number of steps.
+      noise: ``"structured"`` (O(m^3) per step) or ``"generic"`` (``D x D`` square root, O(m^6)).
+      stop_norm: stop a path when ``max_ab |V_ab| > stop_norm`` (> 0).
+      psd_tol: stop a path when ``lambda_min(V) < -psd_tol * max(1, max|V|)``; default
+        ``sqrt(eps)`` of the dtype (1.5e-8 in float64, 3.5e-4 in float32). Also the Cholesky
+        jitter of the structured noise where ``chol(V)`` fails.
+      chunk_size: paths per vmapped chunk (memory bound); ``None`` for all at once.
+      factor: factor of ``V`` for the structured noise, ``"cholesky"`` (default, with jitter
+        fallback) or ``"eigh"`` (clipped eigenvalues); see :mod:`sde.noise`.
+      brownian: ``"grid"`` (default; one Gaussian draw per step, :class:`GridBrownianPath`) or
+        ``"tree"`` (``diffrax.VirtualBrownianTree`` on ``[0, T]`` with resolution
+        ``T / 2^20``, at most ``2^16`` steps: slower, but the same key gives the same Brownian
+        path for every ``dt``, i.e. common random numbers for convergence studies; use
+        ``dt = T / 2^j`` so that the grids are nested and the grid times exact).
+      deterministic: integrate the drift-only limit ``dV = b(V) dt`` instead (one path,
+        ``diffrax.Tsit5`` on the same grid, same stopping rule); ``num_paths`` must be 1.
+
+    Returns:
+      :class:`SDESolution` with ``ts (K,)``, ``V (num_paths, K, m, m)``, ``stopped``,
+      ``stop_time`` (``inf`` where not stopped).
+
+    Raises:
+      ValueError: for invalid inputs, naming the parameter, its value and the allowed range.
+    """
+    if not isinstance(params, SDEParams):
+        raise ValueError(f"params={params!r} must be an SDEParams")
+    n_steps, h = time_grid(T, dt, save_every)
+    num_paths = _positive_int("num_paths", num_paths)
+    stop_norm = _positive_real("stop_norm", stop_norm)
+    if noise not in NOISES:
+        raise ValueError(f"noise={noise!r} is not one of {NOISES}")
+    if factor not in FACTORS:
+        raise ValueError(f"factor={factor!r} is not one of {FACTORS}")
+    _check_brownian(brownian, n_steps)
+    dtype = _float_dtype(V0, "V0")
+    tol = _default_tol(dtype, psd_tol)
+    if deterministic and num_paths != 1:
+        raise ValueError(f"num_paths={num_paths} must be 1 when deterministic=True")
+    V0s = jnp.asarray(validate_gram(V0, num_paths, tol, stop_norm), dtype)
+    if deterministic:
+        keys = jnp.zeros((1, 2), jnp.uint32)  # unused
+    else:
+        keys = _path_keys(key, num_paths)
+    fn = functools.partial(
+        _solve_chunk,
+        h=jnp.asarray(h, dtype),
+        save_every=jnp.asarray(save_every, jnp.int32),
+        stop_norm=jnp.asarray(stop_norm, dtype),
+        psd_tol=jnp.asarray(tol, dtype),
+        params=params,
+        num_saves=n_steps // save_every,
+        noise=noise,
+        factor=factor,
+        deterministic=bool(deterministic),
+        brownian=brownian,
+    )
+    V, stopped, stop_time = _run_chunks(fn, keys, V0s, num_paths, chunk_size)
+    ts = jnp.arange(n_steps // save_every + 1, dtype=dtype) * jnp.asarray(save_every * h, dtype)
+    return SDESolution(ts=ts, V=V, stopped=stopped, stop_time=stop_time)
+
+
+def solve_drift(V0, params: SDEParams, *, T: float, dt: float, save_every: int = 1, **kwargs):
+    """The drift-only limit ``dV = b(V) dt``: ``solve(..., deterministic=True)``."""
+    return solve(V0, params, T=T, dt=dt, save_every=save_every, deterministic=True, **kwargs)
+
+
+def solve_correlation(
+    rho0,
+    params: SDEParams,
+    *,
+    T: float,
+    dt: float,
+    num_paths: int = 1,
+    key=None,
+    save_every: int = 1,
+    psd_tol: float | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK,
+    brownian: str = "grid",
+) -> CorrelationSolution:
+    """Euler-Maruyama for the correlation SDE of the residual shaped-ReLU MLP (``block="mlp"``).
+
+    ``d rho = gamma^2 [nu(rho) - rho (1 - rho^2)] dt + sqrt(2) gamma (1 - rho^2) dW``
+    (spec section 5; :func:`sde.coefficients.correlation_drift`), the law of
+    ``V12 / sqrt(V11 V22)`` under the ``m = 2`` matrix SDE. Same grid, keys, chunking and
+    freezing as :func:`solve`; a path stops when ``rho`` is non-finite or
+    ``|rho| > 1 + psd_tol`` (the 2x2 correlation matrix leaves the PSD cone; Euler can
+    overshoot ``|rho| = 1``). ``psd_tol`` defaults to ``sqrt(eps)`` of the dtype.
+
+    Arguments:
+      rho0: initial correlation in ``[-1, 1]``, a scalar or one per path ``(num_paths,)``;
+        its dtype (float32 or float64) is the computation's.
+      Other arguments: as for :func:`solve`.
+
+    Returns:
+      :class:`CorrelationSolution` with ``ts (K,)``, ``rho (num_paths, K)``, ``stopped``,
+      ``stop_time``.
+    """
+    if not isinstance(params, SDEParams):
+        raise ValueError(f"params={params!r} must be an SDEParams")
+    if params.block != "mlp":
+        raise ValueError(f"params.block={params.block!r}: solve_correlation needs block='mlp'")
+    n_steps, h = time_grid(T, dt, save_every)
+    num_paths = _positive_int("num_paths", num_paths)
+    _check_brownian(brownian, n_steps)
+    dtype = _float_dtype(rho0, "rho0")
+    tol = _default_tol(dtype, psd_tol)
+    r = np.asarray(rho0, dtype=dtype)
+    if r.ndim not in (0, 1) or (r.ndim == 1 and r.shape[0] != num_paths):
+        raise ValueError(f"rho0 has shape {r.shape}; expected () or (num_paths={num_paths},)")
+    if not np.all(np.isfinite(r)) or np.any(np.abs(r) > 1.0):
+        raise ValueError(f"rho0={rho0!r} is outside [-1, 1]")
+    r = np.broadcast_to(r, (num_paths,))
+    keys = _path_keys(key, num_paths)
+    fn = functools.partial(
+        _solve_correlation_chunk,
+        h=jnp.asarray(h, dtype),
+        save_every=jnp.asarray(save_every, jnp.int32),
+        psd_tol=jnp.asarray(tol, dtype),
+        params=params,
+        num_saves=n_steps // save_every,
+        brownian=brownian,
+    )
+    rho, stopped, stop_time = _run_chunks(fn, keys, jnp.asarray(r, dtype), num_paths, chunk_size)
+    ts = jnp.arange(n_steps // save_every + 1, dtype=dtype) * jnp.asarray(save_every * h, dtype)
+    return CorrelationSolution(ts=ts, rho=rho, stopped=stopped, stop_time=stop_time)

@@ -1,0 +1,366 @@
+"""Diagnostics of attention activations and of trained or freshly initialised Transformers.
+
+Pure functions of arrays, usable from notebooks, scripts and inside ``jax.jit``:
+
+* **Activation Jacobians** (Wang, Liu, Liu, arXiv 2108.07153): the Jacobian ``dw/ds`` of an
+  activation with respect to one row of scores, its Frobenius and spectral norms and the
+  *saturation fraction* (rows whose Jacobian norm falls below a threshold), for scores drawn
+  from a normal distribution of any std, a heavy-tailed Student t, or a normal with a few large
+  outliers. Closed form for softmax, ``J = diag(p) - p p^T``, as an oracle.
+* **Attention statistics**: the Frobenius norm of every attention matrix (Saratchandran et al.,
+  arXiv 2410.18613, bound ``||softmax(A)||_F <= sqrt(N)``), attention entropy.
+* **Token statistics**: mean off-diagonal correlation (cosine similarity) of the token Gram
+  matrix ``X X^T`` and the effective rank of a PSD matrix (rank collapse, Noci et al.).
+* **Gradient norms at initialisation** per layer for the query and value weights of any model
+  of the family (Noci et al., arXiv 2306.17759, Fig. 2).
+
+Shapes in names: ``R`` rows, ``N`` keys, ``B`` batch, ``H`` heads, ``L`` tokens, ``D`` width.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import activations
+
+Array = jax.Array
+
+# ------------------------------------------------------------------ score distributions
+
+
+def normal_scores(key: Array, n_rows: int, n_keys: int, std: float = 1.0, dtype=None) -> Array:
+    """Scores ``[n_rows, n_keys]`` i.i.d. ``N(0, std^2)``."""
+    dtype = dtype or jnp.result_type(float)
+    return std * jax.random.normal(key, (n_rows, n_keys), dtype=dtype)
+
+
+def student_t_scores(
+    key: Array, n_rows: int, n_keys: int, df: float, scale: float = 1.0, dtype=None
+) -> Array:
+    """Heavy-tailed scores ``scale * t_df`` (Student t with ``df`` degrees of freedom).
+
+    ``df = 1`` is Cauchy; as ``df -> inf`` this tends to ``N(0, scale^2)``. The variance is
+    ``scale^2 df / (df - 2)`` for ``df > 2`` and infinite otherwise.
+    """
+    dtype = dtype or jnp.result_type(float)
+    return scale * jax.random.t(key, df, (n_rows, n_keys), dtype=dtype)
+
+
+def outlier_scores(
+    key: Array,
+    n_rows: int,
+    n_keys: int,
+    n_outliers: int = 1,
+    magnitude: float = 10.0,
+    std: float = 1.0,
+    dtype=None,
+) -> Array:
+    """``N(0, std^2)`` scores with ``n_outliers`` keys per row (random positions) set to
+    ``+magnitude``: a few keys that dominate the row, the case where softmax saturates."""
+    if not 0 <= n_outliers <= n_keys:
+        raise ValueError(f"n_outliers={n_outliers} must lie in [0, n_keys={n_keys}]")
+    dtype = dtype or jnp.result_type(float)
+    k_base, k_pos = jax.random.split(key)
+    base = normal_scores(k_base, n_rows, n_keys, std, dtype)
+    if n_outliers == 0:
+        return base
+    # A random subset of n_outliers positions per row: the n smallest of uniform keys.
+    ranks = jnp.argsort(jnp.argsort(jax.random.uniform(k_pos, (n_rows, n_keys)), axis=-1), axis=-1)
+    return jnp.where(ranks < n_outliers, jnp.asarray(magnitude, dtype), base)
+
+
+def sample_scores(key: Array, n_rows: int, n_keys: int, kind: str = "normal", **params) -> Array:
+    """Dispatch on ``kind`` in ``{"normal", "student_t", "outliers"}`` with the keyword
+    arguments of :func:`normal_scores`, :func:`student_t_scores`, :func:`outlier_scores`."""
+    samplers = {"normal": normal_scores, "student_t": student_t_scores, "outliers": outlier_scores}
+    if kind not in samplers:
+        raise ValueError(f"kind={kind!r} is not one of {tuple(samplers)}")
+    return samplers[kind](key, n_rows, n_keys, **params)
+
+
+# -------------------------------------------------------------------- activation Jacobians
+
+
+def activation_jacobian(
+    activation: activations.Activation | str, scores: Array, mask: Optional[Array] = None
+) -> Array:
+    """Jacobian of one row's weights with respect to that row's scores, for every row.
+
+    Arguments:
+        activation: registered name or callable ``fn(scores, mask=None)``.
+        scores: ``[..., N]``; every leading index is one row (one query).
+        mask: optional boolean, broadcastable to ``scores``.
+
+    Returns:
+        ``[..., N, N]`` with ``J[..., i, j] = d w_i / d s_j`` (forward-mode, per row). The
+        activation sees each row as a ``[1, N]`` score matrix, so a row-wise activation such
+        as ``shaped_softmax`` (``I + softmax - C``, whose ``I`` refers to the query index 0)
+        has the Jacobian of its score-dependent part.
+    """
+    fn = activations.resolve(activation)
+    scores = jnp.asarray(scores)
+    lead, n = scores.shape[:-1], scores.shape[-1]
+    s_RN = scores.reshape(-1, n)
+    if mask is None:
+        jac = jax.vmap(jax.jacfwd(lambda s: fn(s[None, :])[0]))(s_RN)
+    else:
+        m_RN = jnp.broadcast_to(jnp.asarray(mask, bool), scores.shape).reshape(-1, n)
+        jac = jax.vmap(jax.jacfwd(lambda s, m: fn(s[None, :], m[None, :])[0]))(s_RN, m_RN)
+    return jac.reshape(*lead, n, n)
+
+
+def softmax_jacobian(probs: Array) -> Array:
+    """Closed form ``diag(p) - p p^T`` of softmax's Jacobian, ``[..., N] -> [..., N, N]``."""
+    p = jnp.asarray(probs)
+    eye = jnp.eye(p.shape[-1], dtype=p.dtype)
+    return eye * p[..., None, :] - p[..., :, None] * p[..., None, :]
+
+
+def frobenius_norm(mat: Array) -> Array:
+    """Frobenius norm over the last two axes."""
+    return jnp.sqrt(jnp.sum(jnp.square(mat), axis=(-2, -1)))
+
+
+def spectral_norm(mat: Array) -> Array:
+    """Largest singular value over the last two axes."""
+    return jnp.linalg.svd(mat, compute_uv=False)[..., 0]
+
+
+def uniform_softmax_jacobian_norm(n_keys: int) -> float:
+    """``||diag(1/N) - 11^T/N^2||_F = sqrt(N - 1) / N``: softmax's Jacobian at equal scores."""
+    return math.sqrt(n_keys - 1) / n_keys
+
+
+def default_saturation_threshold(n_keys: int) -> float:
+    """5% of softmax's Jacobian norm at equal scores, ``0.05 sqrt(N - 1) / N``."""
+    return 0.05 * uniform_softmax_jacobian_norm(n_keys)
+
+
+def saturation_fraction(norms: Array, threshold: float) -> Array:
+    """Fraction of rows whose Jacobian norm is below ``threshold`` (NaN rows count as
+    saturated: no usable gradient flows through them)."""
+    norms = jnp.asarray(norms)
+    return jnp.mean(~(norms >= threshold))
+
+
+def jacobian_summary(
+    activation: activations.Activation | str,
+    scores: Array,
+    mask: Optional[Array] = None,
+    threshold: Optional[float] = None,
+) -> dict[str, Array]:
+    """Norms of the activation's Jacobian over the rows of ``scores`` ``[R, N]``.
+
+    Returns a dict of scalars: ``frobenius_mean``, ``frobenius_median``, ``frobenius_q10``,
+    ``frobenius_q90``, ``spectral_median``, ``saturation`` (fraction of rows with Frobenius
+    norm below ``threshold``; default :func:`default_saturation_threshold`), ``threshold``,
+    ``max_abs_weight`` (largest ``|w|``: denominators near 0 show up here), ``nonfinite``
+    (fraction of non-finite Jacobian entries; should be 0).
+    """
+    fn = activations.resolve(activation)
+    scores = jnp.asarray(scores)
+    n = scores.shape[-1]
+    thr = default_saturation_threshold(n) if threshold is None else float(threshold)
+    jac = activation_jacobian(fn, scores, mask)
+    weights = fn(scores[..., None, :], None if mask is None else jnp.asarray(mask)[..., None, :])
+    frob = frobenius_norm(jac).reshape(-1)
+    spec = spectral_norm(jnp.where(jnp.isfinite(jac), jac, 0)).reshape(-1)
+    return {
+        "frobenius_mean": jnp.mean(frob),
+        "frobenius_median": jnp.median(frob),
+        "frobenius_q10": jnp.quantile(frob, 0.1),
+        "frobenius_q90": jnp.quantile(frob, 0.9),
+        "spectral_median": jnp.median(spec),
+        "saturation": saturation_fraction(frob, thr),
+        "threshold": jnp.asarray(thr),
+        "max_abs_weight": jnp.max(jnp.abs(weights)),
+        "nonfinite": jnp.mean(~jnp.isfinite(jac)),
+    }
+
+
+def jacobian_sweep(
+    activation: activations.Activation | str,
+    key: Array,
+    settings: Sequence[Mapping[str, Any]],
+    n_rows: int = 512,
+    n_keys: int = 16,
+    threshold: Optional[float] = None,
+) -> list[dict[str, float]]:
+    """:func:`jacobian_summary` for each score distribution in ``settings``.
+
+    Each setting is a mapping with ``kind`` (see :func:`sample_scores`) and its parameters,
+    e.g. ``{"kind": "normal", "std": 4.0}``. The same key is used for every setting, so the
+    sweep compares distributions on common random numbers. Returns host floats.
+    """
+    fn = activations.resolve(activation)
+    out = []
+    for setting in settings:
+        setting = dict(setting)
+        kind = setting.pop("kind", "normal")
+        scores = sample_scores(key, n_rows, n_keys, kind, **setting)
+        summary = jacobian_summary(fn, scores, threshold=threshold)
+        out.append({"kind": kind, **setting, **{k: float(v) for k, v in summary.items()}})
+    return out
+
+
+# ------------------------------------------------------------------ attention statistics
+
+
+def attention_frobenius(weights: Array) -> Array:
+    """Frobenius norm of each attention matrix ``[..., Lq, Lk] -> [...]``."""
+    return frobenius_norm(weights)
+
+
+def attention_entropy(weights: Array, mask: Optional[Array] = None, eps: float = 1e-30) -> Array:
+    """Shannon entropy of each attention row ``[..., Lq, Lk] -> [..., Lq]``.
+
+    Rows are first normalised as ``|w| / sum |w|``: the usual entropy for probability rows
+    (softmax, the non-negative periodic maps); for signed weights (sinmax, polynomial3,
+    shaped attention) it is the entropy of the magnitude profile. Equal weights over N valid
+    keys give ``log N``; a one-hot row gives 0. A zero row gives 0.
+    """
+    a = jnp.abs(jnp.asarray(weights))
+    if mask is not None:
+        a = jnp.where(jnp.broadcast_to(jnp.asarray(mask, bool), a.shape), a, 0)
+    total = jnp.sum(a, axis=-1, keepdims=True)
+    p = a / jnp.where(total > 0, total, 1)
+    return -jnp.sum(jnp.where(p > eps, p * jnp.log(jnp.where(p > eps, p, 1)), 0), axis=-1)
+
+
+# ---------------------------------------------------------------------- token statistics
+
+
+def gram(x: Array) -> Array:
+    """``X X^T / D`` over tokens: ``[..., L, D] -> [..., L, L]``."""
+    x = jnp.asarray(x)
+    return jnp.einsum("...ld,...md->...lm", x, x) / x.shape[-1]
+
+
+def token_correlation(x: Array, eps: float = 1e-12) -> Array:
+    """Mean off-diagonal cosine similarity ``<x_i, x_j> / (|x_i| |x_j|)`` of the tokens.
+
+    ``[..., L, D] -> [...]``; 1 means rank collapse (all tokens parallel), ~0 for independent
+    random tokens. The uncentred correlation of the Gram matrix, as in Noci et al.
+    """
+    g = gram(x)
+    diag = jnp.diagonal(g, axis1=-2, axis2=-1)
+    inv = 1 / jnp.sqrt(jnp.maximum(diag, eps))
+    corr = g * inv[..., :, None] * inv[..., None, :]
+    l = g.shape[-1]
+    if l < 2:
+        return jnp.ones(g.shape[:-2], g.dtype)
+    off = jnp.sum(corr, axis=(-2, -1)) - jnp.sum(jnp.diagonal(corr, axis1=-2, axis2=-1), axis=-1)
+    return off / (l * (l - 1))
+
+
+def effective_rank(matrix: Array, eps: float = 1e-12) -> Array:
+    """Entropy effective rank ``exp(H(lambda / sum lambda))`` of a symmetric PSD matrix.
+
+    ``[..., m, m] -> [...]`` (Roy & Vetterli 2007, on eigenvalues). The identity (any
+    multiple of it) gives ``m``; a rank-one matrix gives 1. Small negative eigenvalues from
+    round-off are clipped at 0.
+    """
+    m = jnp.asarray(matrix)
+    m = (m + jnp.swapaxes(m, -1, -2)) / 2
+    lam = jnp.clip(jnp.linalg.eigvalsh(m), 0, None)
+    total = jnp.sum(lam, axis=-1, keepdims=True)
+    p = lam / jnp.where(total > 0, total, 1)
+    h = -jnp.sum(jnp.where(p > eps, p * jnp.log(jnp.where(p > eps, p, 1)), 0), axis=-1)
+    return jnp.exp(h)
+
+
+def token_effective_rank(x: Array) -> Array:
+    """:func:`effective_rank` of the token Gram matrix ``X X^T / D``: ``[..., L, D] -> [...]``."""
+    return effective_rank(gram(x))
+
+
+def attention_summary(weights: Sequence[Array] | Array, mask: Optional[Array] = None) -> dict[str, Array]:
+    """Per-layer scalars from attention matrices, cheap enough for a jitted training step.
+
+    Arguments:
+        weights: attention matrices of every layer: a sequence of ``[B, H, Lq, Lk]`` arrays or
+            one stacked ``[layers, B, H, Lq, Lk]`` array.
+        mask: optional key mask broadcastable to one layer's weights.
+
+    Returns:
+        ``attn_frobenius`` (mean over batch and heads of ``||A||_F``, per layer),
+        ``attn_frobenius_over_sqrt_n`` (the same divided by ``sqrt(Lk)``: at most 1 for
+        softmax), ``attn_entropy`` (mean row entropy per layer), each ``[layers]``.
+    """
+    w = jnp.stack(list(weights)) if not hasattr(weights, "ndim") else jnp.asarray(weights)
+    frob = attention_frobenius(w)
+    frob = jnp.mean(frob.reshape(frob.shape[0], -1), axis=-1)
+    ent = attention_entropy(w, mask)
+    ent = jnp.mean(ent.reshape(ent.shape[0], -1), axis=-1)
+    return {
+        "attn_frobenius": frob,
+        "attn_frobenius_over_sqrt_n": frob / math.sqrt(w.shape[-1]),
+        "attn_entropy": ent,
+    }
+
+
+def token_summary(x: Array) -> dict[str, Array]:
+    """``token_correlation`` and ``token_effective_rank`` of ``[..., B, L, D]`` token
+    representations, averaged over the batch axis (leading axes, e.g. layers, are kept)."""
+    x = jnp.asarray(x)
+    return {
+        "token_correlation": jnp.mean(token_correlation(x), axis=-1),
+        "token_effective_rank": jnp.mean(token_effective_rank(x), axis=-1),
+    }
+
+
+# ------------------------------------------------------------------- Frobenius bounds
+
+
+def softmax_frobenius_bound_ratio(scores: Array) -> Array:
+    """``||softmax(A)||_F / sqrt(N)`` for ``A`` ``[..., N, N]``: at most 1 for any ``A``
+    (Saratchandran et al., Thm. 3.1)."""
+    a = jnp.asarray(scores)
+    return frobenius_norm(activations.softmax(a)) / math.sqrt(a.shape[-1])
+
+
+def softmax_gradient_bound_ratio(scores: Array) -> Array:
+    """``||d softmax(A) / dA||_F / (2 sqrt(N))`` for ``A`` ``[..., N, N]``: at most 1.
+
+    The derivative of the matrix map ``A -> softmax(A)`` (row-wise) is block diagonal with
+    blocks ``diag(p_i) - p_i p_i^T``; its Frobenius norm is ``sqrt(sum_i ||J_i||_F^2)``,
+    computed here from the closed form.
+    """
+    a = jnp.asarray(scores)
+    jac = softmax_jacobian(activations.softmax(a))  # [..., N, N, N]
+    sq = jnp.sum(jnp.square(jac), axis=(-3, -2, -1))
+    return jnp.sqrt(sq) / (2 * math.sqrt(a.shape[-1]))
+
+
+# --------------------------------------------------------- gradient norms at initialisation
+
+
+_LAYER_RE = re.compile(r"^(layers?|blocks?|stack|h)$")
+
+
+def _path_str(path: Sequence[Any]) -> list[str]:
+    out = []
+    for p in path:
+        p = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
+        out.append(str(p))
+    return out
+
+
+def named_gradient_norms(grads: Any) -> dict[str, np.ndarray]:
+    """Frobenius norm of every gradient leaf, keyed by its ``/``-joined path.
+
+    Leaves with a leading layer axis (a scanned stack) give one norm per layer (the norm is
+    taken over all other axes); others give a scalar. ``grads`` is any pytree, e.g. an
+    ``nnx.State`` of gradients.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    out = {}
+    for path, leaf in flat:
+        out["/".join(_path_str(path))] = np.asarray(jnp.sqrt(jnp.sum(jnp.square(leaf))))
+    return out

@@ -1,0 +1,254 @@
+"""The forward equations of attention, MLP and residual blocks, as pure functions.
+
+This file is the single source of truth for the block formulas (spec/sde.md section 1):
+the temperature, the shaped ReLU, the residual gains, the LayerNorm and the order in which
+they are combined. The NNX modules (:mod:`shaped_attn.attention`, :mod:`shaped_attn.blocks`)
+only hold parameters and call these functions.
+
+**Map protocol.** The linear maps are passed in as callables
+
+    map(x) -> y,   x: [..., m, n_in],  y: [..., m, n_out]
+
+acting on the last axis and treating the others as batch (an ``nnx.Linear`` is one). A map
+is called at most once per application of :func:`attention_apply`, :func:`mlp_apply` or
+:func:`block_apply`, always on the full token matrix, so a map that *samples* ``X W`` for a
+fresh Gaussian ``W`` (the Gram sampler of spec section 4) can replace a weight matrix. The
+``(n_in, n_out)`` each map must have is listed in :class:`BlockMaps`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from . import activations
+from .config import AttentionConfig, BlockConfig
+
+Array = jax.Array
+Map = Callable[[Array], Array]
+
+
+class BlockMaps(NamedTuple):
+    """The linear maps (and norms) of one block; ``n`` = width, ``H`` heads, ``n_k`` head_dim.
+
+    Attributes:
+        query, key: ``n -> H * n_k`` (head h is columns ``h*n_k:(h+1)*n_k``).
+        value: ``n -> H * d_v``, ``d_v = n / H`` with ``out_proj``, ``d_v = n`` without.
+        output: ``H * d_v -> n`` with ``out_proj``; must be ``None`` without.
+        mlp_in: ``n -> hidden``.  mlp_out: ``hidden -> n``.
+        norm_attn, norm_mlp: LayerNorms ``[..., n] -> [..., n]`` of the pre_ln / post_ln
+            kinds (``None``: the parameter-free :func:`layer_norm`); must be ``None`` for the
+            shaped and unshaped kinds.
+    Maps of a sub-block that the config leaves out (``sublayers``) may be ``None``.
+    """
+
+    query: Optional[Map] = None
+    key: Optional[Map] = None
+    value: Optional[Map] = None
+    output: Optional[Map] = None
+    mlp_in: Optional[Map] = None
+    mlp_out: Optional[Map] = None
+    norm_attn: Optional[Map] = None
+    norm_mlp: Optional[Map] = None
+
+
+# ------------------------------------------------------------------------ scalar formulas
+
+
+def temperature(cfg: AttentionConfig) -> float:
+    """``tau0 sqrt(n n_k)`` ("shaped") or ``tau0 sqrt(n_k)`` ("standard")."""
+    if cfg.temperature == "shaped":
+        return cfg.tau0 * math.sqrt(cfg.width * cfg.head_dim)
+    return cfg.tau0 * math.sqrt(cfg.head_dim)
+
+
+def relu_slopes(width: int, c_plus: float, c_minus: float) -> tuple[float, float]:
+    """Shaped ReLU slopes ``s_pm = 1 + c_pm / sqrt(n)``."""
+    return 1.0 + c_plus / math.sqrt(width), 1.0 + c_minus / math.sqrt(width)
+
+
+def block_relu_slopes(cfg: BlockConfig) -> tuple[float, float]:
+    """``(s_plus, s_minus)`` of the block's MLP: shaped, or ``(1, 0)`` for the plain ReLU."""
+    return relu_slopes(cfg.width, cfg.c_plus, cfg.c_minus) if cfg.shaped_relu else (1.0, 0.0)
+
+
+def residual_gains(cfg: BlockConfig) -> tuple[float, float]:
+    """``(lam, gamma)``: ``(sqrt(1 - gamma^2), gamma)`` without LN, ``(1, gamma)`` with LN."""
+    if cfg.layer_norm:
+        return 1.0, cfg.gamma
+    return math.sqrt(1.0 - cfg.gamma**2), cfg.gamma
+
+
+# ------------------------------------------------------------------- elementwise formulas
+
+
+def shaped_relu(x: Array, s_plus: float = 1.0, s_minus: float = 0.0) -> Array:
+    """``sqrt(c) * (s_plus max(x, 0) + s_minus min(x, 0))``, ``c = 2 / (s_plus^2 + s_minus^2)``.
+
+    ``E[out^2] = 1`` for ``x ~ N(0, 1)``. The defaults are the standard ReLU times sqrt(2).
+    """
+    c = 2.0 / (s_plus**2 + s_minus**2)
+    return math.sqrt(c) * (s_plus * jnp.maximum(x, 0) + s_minus * jnp.minimum(x, 0))
+
+
+def layer_norm(x: Array, eps: float) -> Array:
+    """Parameter-free LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps)``.
+
+    Same arithmetic as ``nnx.LayerNorm(epsilon=eps, use_fast_variance=False)`` (statistics
+    in at least float32), so with scale 1 and bias 0 the two agree exactly.
+    """
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    xf = jnp.asarray(x, dtype)
+    mean = xf.mean(axis=-1, keepdims=True)
+    var = jnp.square(jnp.abs(xf - mean)).mean(axis=-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+# -------------------------------------------------------------------------------- masks
+
+
+def causal_mask(length: int) -> Array:
+    """Boolean ``[length, length]``, True on and below the diagonal (query i sees j <= i)."""
+    return jnp.tril(jnp.ones((length, length), dtype=bool))
+
+
+def attention_mask(cfg: AttentionConfig, shape: tuple, mask: Optional[Array] = None):
+    """The boolean mask of ``scores`` of ``shape`` ``[..., H, Lq, Lk]``, or ``None``.
+
+    Combines the user ``mask`` (broadcastable to ``shape``, True = attend) with the causal
+    mask when ``cfg.causal``.
+    """
+    if mask is not None:
+        mask = jnp.broadcast_to(jnp.asarray(mask, dtype=bool), shape)
+    if cfg.causal:
+        causal = jnp.broadcast_to(causal_mask(shape[-1]), shape)
+        mask = causal if mask is None else jnp.logical_and(mask, causal)
+    return mask
+
+
+# ----------------------------------------------------------------------------- sub-blocks
+
+
+def attention_weights(
+    cfg: AttentionConfig,
+    q: Array,
+    k: Array,
+    *,
+    mask: Optional[Array] = None,
+    score_bias: Optional[Array] = None,
+) -> Array:
+    """``A = identity_gain I + act(q k^T / tau + score_bias) - centre_gain C``.
+
+    Arguments:
+        q, k: ``[..., m, H, n_k]``.
+        mask: boolean, broadcastable to ``[..., H, m, m]`` (True = attend).
+        score_bias: additive bias broadcastable to ``[..., H, m, m]`` (e.g. a learned
+            relative position bias), added after the temperature.
+
+    Returns ``[..., H, m, m]``; the shaping step is skipped when both gains are 0.
+    """
+    scores = jnp.einsum("...qhd,...khd->...hqk", q, k) / temperature(cfg)
+    if score_bias is not None:
+        scores = scores + jnp.broadcast_to(score_bias, scores.shape)
+    mask = attention_mask(cfg, scores.shape, mask)
+    weights = activations.resolve(cfg.activation)(scores, mask)
+    if cfg.shaped:
+        weights = activations.shape(
+            weights, mask, identity=cfg.identity_gain, centre=cfg.centre_gain
+        )
+    return weights
+
+
+def attention_apply(
+    cfg: AttentionConfig,
+    x: Array,
+    *,
+    query: Map,
+    key: Map,
+    value: Map,
+    output: Optional[Map] = None,
+    mask: Optional[Array] = None,
+    score_bias: Optional[Array] = None,
+    return_weights: bool = False,
+):
+    """Multi-head self-attention of ``x: [..., m, n]`` (see :class:`BlockMaps` for the maps).
+
+    Per head h: ``O_h = A_h (X W_V,h)``. With ``cfg.out_proj`` the heads are concatenated and
+    passed through ``output``; without it they are summed with weight ``1/sqrt(H)``.
+
+    Returns ``out: [..., m, n]``, and ``weights: [..., H, m, m]`` if ``return_weights``.
+    """
+    heads, dk, dv = cfg.num_heads, cfg.head_dim, cfg.value_dim
+    batch_m = x.shape[:-1]
+    q = query(x).reshape(*batch_m, heads, dk)
+    k = key(x).reshape(*batch_m, heads, dk)
+    v = value(x).reshape(*batch_m, heads, dv)
+    weights = attention_weights(cfg, q, k, mask=mask, score_bias=score_bias)
+    o = jnp.einsum("...hqk,...khd->...qhd", weights, v)
+    if cfg.out_proj:
+        if output is None:
+            raise ValueError("out_proj=True needs an output map")
+        out = output(o.reshape(*batch_m, heads * dv))
+    else:
+        if output is not None:
+            raise ValueError("out_proj=False takes no output map (got one)")
+        out = o.sum(axis=-2) / math.sqrt(heads)
+    return (out, weights) if return_weights else out
+
+
+def mlp_apply(cfg: BlockConfig, x: Array, *, mlp_in: Map, mlp_out: Map) -> Array:
+    """``mlp_out(sqrt(c) sigma_s(mlp_in(x)))`` with the block's ReLU slopes."""
+    s_plus, s_minus = block_relu_slopes(cfg)
+    return mlp_out(shaped_relu(mlp_in(x), s_plus, s_minus))
+
+
+def block_apply(
+    cfg: BlockConfig,
+    x: Array,
+    *,
+    maps: BlockMaps,
+    mask: Optional[Array] = None,
+    score_bias: Optional[Array] = None,
+    return_attention: bool = False,
+):
+    """One layer (spec/sde.md section 1 and its baselines) on ``x: [..., m, n]``.
+
+    shaped / unshaped: ``Z = lam X + gamma Att(X)``, ``X' = lam Z + gamma MLP(Z)``;
+    pre_ln: ``Z = X + gamma Att(LN(X))``, ``X' = Z + gamma MLP(LN(Z))``;
+    post_ln: ``Z = LN(X + gamma Att(X))``, ``X' = LN(Z + gamma MLP(Z))``;
+    with ``lam = sqrt(1 - gamma^2)``. A sub-block left out by ``cfg.sublayers`` is the identity.
+
+    Returns ``x'``, and the attention matrix ``[..., H, m, m]`` (``None`` without an
+    attention sub-block) if ``return_attention``.
+    """
+    lam, gamma = residual_gains(cfg)
+    if not cfg.layer_norm and (maps.norm_attn is not None or maps.norm_mlp is not None):
+        raise ValueError(f"kind={cfg.kind!r} has no LayerNorm, but norm maps were given")
+    norm_attn = maps.norm_attn or (lambda h: layer_norm(h, cfg.ln_eps))
+    norm_mlp = maps.norm_mlp or (lambda h: layer_norm(h, cfg.ln_eps))
+
+    def residual(h, branch, norm):
+        if cfg.kind == "pre_ln":
+            return h + gamma * branch(norm(h))
+        if cfg.kind == "post_ln":
+            return norm(h + gamma * branch(h))
+        return lam * h + gamma * branch(h)
+
+    weights = None
+    if cfg.has_attention:
+
+        def attn(h):
+            nonlocal weights
+            out, weights = attention_apply(
+                cfg.attention, h, query=maps.query, key=maps.key, value=maps.value,
+                output=maps.output, mask=mask, score_bias=score_bias, return_weights=True,
+            )
+            return out
+
+        x = residual(x, attn, norm_attn)
+    if cfg.has_mlp:
+        x = residual(x, lambda h: mlp_apply(cfg, h, mlp_in=maps.mlp_in, mlp_out=maps.mlp_out), norm_mlp)
+    return (x, weights) if return_attention else x

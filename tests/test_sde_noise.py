@@ -1,0 +1,187 @@
+"""Structured and generic noise against diffusion_matrix (spec/sde.md section 3).
+
+Exact checks use linearity: N is linear in the Gaussian input, so its covariance is J J^T with
+J the Jacobian (jax.jacfwd). Monte Carlo checks compare every entry of the empirical covariance
+with a tolerance of 5 standard errors estimated from the data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sde
+
+BOUNDARY = {
+    "rank1": np.outer([1.0, -0.5, 2.0], [1.0, -0.5, 2.0]),
+    "rho1": np.array([[1.0, 1.0], [1.0, 1.0]]),
+    "rank2_of_4": (lambda A: A @ A.T)(np.random.default_rng(9).standard_normal((4, 2))),
+}
+
+
+def random_psd(rng, m):
+    A = rng.standard_normal((m, m))
+    return A @ A.T / m + 0.1 * np.eye(m)
+
+
+def structured_covariance(V, params, factor="eigh", jitter=0.0):
+    """Exact covariance of the upper triangle of the structured noise: N is linear in (Z1, Z2),
+    so its Jacobian J has columns N(e_k) for the basis inputs e_k, and Cov = J J^T."""
+    m = V.shape[-1]
+    L = sde.psd_factor(V, factor, jitter)
+    basis = jnp.eye(2 * m * m, dtype=V.dtype).reshape(-1, 2, m, m)
+    Vb = jnp.broadcast_to(V, (2 * m * m, m, m))
+    Lb = jnp.broadcast_to(L, (2 * m * m, m, m))
+    J = sde.sym_to_vec(sde.structured_noise(Vb, Lb, basis[:, 0], basis[:, 1], params)).T
+    return J @ J.T
+
+
+def generic_covariance(V, params):
+    D = V.shape[-1] * (V.shape[-1] + 1) // 2
+    Vb = jnp.broadcast_to(V, (D,) + V.shape)
+    J = sde.sym_to_vec(sde.generic_noise(Vb, jnp.eye(D, dtype=V.dtype), params)).T
+    return J @ J.T
+
+
+def test_jacobian_by_basis_equals_jacfwd():
+    V = jnp.asarray(random_psd(np.random.default_rng(0), 3))
+    p = sde.SDEParams(0.8, 0.7)
+    L = sde.eigh_factor(V)
+    f = lambda z: sde.sym_to_vec(sde.structured_noise(V, L, z[0], z[1], p))
+    J = jax.jacfwd(f)(jnp.zeros((2, 3, 3))).reshape(-1, 18)
+    np.testing.assert_allclose(J @ J.T, structured_covariance(V, p), atol=1e-12)
+
+
+PARAMS = [
+    sde.SDEParams(1.0, 1.0),
+    sde.SDEParams(0.4, 0.3, block="attention", heads=3),
+    sde.SDEParams(0.7, math.inf),
+    sde.SDEParams(0.6, 2.0, block="mlp"),
+]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+@pytest.mark.parametrize("factor", ["eigh", "cholesky"])
+def test_structured_covariance_exact(m, factor):
+    rng = np.random.default_rng(m)
+    for params in PARAMS:
+        V = jnp.asarray(random_psd(rng, m))
+        S = sde.diffusion_matrix(V, params)
+        cov = structured_covariance(V, params, factor)
+        np.testing.assert_allclose(cov, S, rtol=0, atol=1e-10 * max(1.0, float(jnp.max(jnp.abs(S)))))
+        np.testing.assert_allclose(
+            generic_covariance(V, params), S, rtol=0, atol=1e-10 * max(1.0, float(jnp.max(jnp.abs(S))))
+        )
+
+
+def test_structured_covariance_detects_wrong_scaling():
+    """Power check: dropping the 1/sqrt(2) of the Sigma_lin part, or using M = L instead of
+    M = V P L / m, gives a covariance that differs from diffusion_matrix far beyond 1e-10."""
+    V = jnp.asarray(random_psd(np.random.default_rng(0), 3))
+    p = sde.SDEParams(0.8, 0.7)
+    L = sde.eigh_factor(V)
+    S = sde.diffusion_matrix(V, p)
+
+    def cov_of(noise_fn):
+        J = jax.jacfwd(lambda z: sde.sym_to_vec(noise_fn(z)))(jnp.zeros((2, 3, 3))).reshape(-1, 18)
+        return J @ J.T
+
+    a, c = math.sqrt(p.k_lin), math.sqrt(p.acal_coeff)
+    no_sqrt2 = lambda z: a * L @ (z[0] + z[0].T) @ L.T + c * (L @ z[1] @ L.T + L @ z[1].T @ L.T)
+    M = sde.attention_factor(V, L)
+    right = lambda z: a / math.sqrt(2) * L @ (z[0] + z[0].T) @ L.T + c * (L @ z[1] @ M.T + M @ z[1].T @ L.T)
+    assert float(jnp.max(jnp.abs(cov_of(no_sqrt2) - S))) > 0.1
+    np.testing.assert_allclose(cov_of(right), S, atol=1e-10 * float(jnp.max(jnp.abs(S))))
+
+
+def test_attention_factor_squares_to_G():
+    rng = np.random.default_rng(3)
+    for m in [2, 4, 6]:
+        V = jnp.asarray(random_psd(rng, m))
+        for L in [sde.eigh_factor(V), jnp.linalg.cholesky(V)]:
+            M = sde.attention_factor(V, L)
+            np.testing.assert_allclose(M @ M.T, sde.attention_gram(V), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(BOUNDARY))
+def test_boundary_psd(name):
+    """Singular V (rank-1, rho = 1): eigh factor is exact; cholesky needs its jitter fallback."""
+    V = jnp.asarray(BOUNDARY[name])
+    p = sde.SDEParams(0.9, 0.8)
+    S = sde.diffusion_matrix(V, p)
+    tol = 1e-10 * float(jnp.max(jnp.abs(S)))
+    np.testing.assert_allclose(structured_covariance(V, p, "eigh"), S, atol=tol)
+    np.testing.assert_allclose(generic_covariance(V, p), S, atol=tol)
+    assert not np.all(np.isfinite(np.asarray(jnp.linalg.cholesky(V))))  # plain Cholesky fails
+    jitter = 1e-9
+    L = sde.cholesky_factor(V, jitter)
+    assert np.all(np.isfinite(np.asarray(L)))
+    eye = jnp.eye(V.shape[0])
+    np.testing.assert_allclose(L @ L.T, V + jitter * eye, atol=1e-12)
+    # noise of the jittered factor is the noise of V + jitter I
+    np.testing.assert_allclose(
+        structured_covariance(V, p, "cholesky", jitter),
+        sde.diffusion_matrix(V + jitter * eye, p),
+        atol=tol,
+    )
+    # draws are finite and vanish in the null directions of V (u^T N u = 0 when V u = 0)
+    N = sde.sample_noise(jax.random.key(0), jnp.broadcast_to(V, (64,) + V.shape), p)
+    assert np.all(np.isfinite(np.asarray(N)))
+    w, Q = np.linalg.eigh(np.asarray(V))
+    u = Q[:, 0]
+    assert abs(w[0]) < 1e-12
+    assert float(jnp.max(jnp.abs(jnp.einsum("i,pij,j->p", u, N, u)))) < 1e-10
+
+
+def _mc_check(draws_vec, S, n_se=5.0):
+    """Every entry of the empirical covariance of draws (N, D) within n_se standard errors of S.
+
+    The mean is known to be 0, so cov = mean of products; SE = std(products) / sqrt(N).
+    Returns the largest |z| score."""
+    x = np.asarray(draws_vec)
+    prods = x[:, :, None] * x[:, None, :]
+    emp = prods.mean(axis=0)
+    se = prods.std(axis=0) / math.sqrt(x.shape[0])
+    z = np.abs(emp - np.asarray(S)) / se
+    return float(z.max())
+
+
+@pytest.mark.parametrize("route", ["structured", "generic"])
+def test_noise_covariance_monte_carlo(route):
+    m, n = 3, 100_000
+    V = jnp.asarray(random_psd(np.random.default_rng(11), m))
+    p = sde.SDEParams(0.8, 0.6)
+    Vb = jnp.broadcast_to(V, (n, m, m))
+    key = jax.random.key(2024)
+    sampler = sde.sample_noise if route == "structured" else sde.sample_noise_generic
+    N = jax.jit(sampler, static_argnums=2)(key, Vb, p)
+    assert N.shape == (n, m, m)
+    np.testing.assert_array_equal(np.asarray(N), np.asarray(jnp.swapaxes(N, -1, -2)))
+    vec = sde.sym_to_vec(N)
+    S = sde.diffusion_matrix(V, p)
+    assert _mc_check(vec, S) < 5.0
+    # the same data reject a 10% error in k_lin or a 50% error in the Acal coefficient (power)
+    wrong = 1.1 * p.k_lin * sde.sigma_lin(V) + p.acal_coeff * sde.acal(V)
+    assert _mc_check(vec, wrong) > 5.0
+    wrong = p.k_lin * sde.sigma_lin(V) + 1.5 * p.acal_coeff * sde.acal(V)
+    assert _mc_check(vec, wrong) > 5.0
+    # mean zero
+    mean = np.asarray(vec).mean(axis=0)
+    se = np.asarray(vec).std(axis=0) / math.sqrt(n)
+    assert np.all(np.abs(mean) < 5 * se)
+
+
+def test_sample_noise_dtype_and_batching():
+    V = jnp.asarray(random_psd(np.random.default_rng(1), 4), dtype=jnp.float32)
+    p = sde.SDEParams(0.5)
+    N = sde.sample_noise(jax.random.key(0), jnp.broadcast_to(V, (2, 3, 4, 4)), p)
+    assert N.dtype == jnp.float32 and N.shape == (2, 3, 4, 4)
+    assert not np.allclose(np.asarray(N[0, 0]), np.asarray(N[0, 1]))  # independent draws
+    Ng = sde.sample_noise_generic(jax.random.key(0), V, p)
+    assert Ng.dtype == jnp.float32 and Ng.shape == (4, 4)
+    with pytest.raises(ValueError, match="factor='qr'"):
+        sde.psd_factor(V, "qr")
