@@ -211,7 +211,8 @@ def shape(
         raise ValueError(f"shaped attention needs square scores, got Lq={lq}, Lk={lk}")
     valid = valid_keys(weights, mask)
     eye = jnp.broadcast_to(jnp.eye(lq, dtype=weights.dtype), weights.shape)
-    a = identity * eye + weights - centre * centring_matrix(valid, weights.dtype)
+    # Grouped so that weights == C (zero scores, uniform softmax) gives exactly identity * I.
+    a = identity * eye + (weights - centre * centring_matrix(valid, weights.dtype))
     return jnp.where(valid, a, 0)
 
 

@@ -121,6 +121,11 @@ class AttentionConfig:
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal={self.causal!r} must be a bool")
         _choice("query_init", self.query_init, QUERY_INITS)
+        if self.activation == "shaped_softmax" and self.shaped:
+            raise ValueError(
+                "activation='shaped_softmax' already adds I - C; use activation='softmax' "
+                "with identity_gain/centre_gain"
+            )
 
     @property
     def shaped(self) -> bool:
@@ -175,7 +180,7 @@ class BlockConfig:
             raise ValueError(f"attention={self.attention!r} must be an AttentionConfig")
         _choice("kind", self.kind, BLOCK_KINDS)
         _finite("gamma", self.gamma)
-        if not 0 <= self.gamma <= 1:
+        if not 0 < self.gamma <= 1:
             raise ValueError(f"gamma={self.gamma!r} must lie in (0, 1]")
         if not isinstance(self.shaped_relu, bool):
             raise ValueError(f"shaped_relu={self.shaped_relu!r} must be a bool")

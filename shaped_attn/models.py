@@ -62,6 +62,10 @@ class Stack(nnx.Module):
 
         ``mask`` / ``score_bias`` are shared by all layers. Returns ``x_depth`` when no
         ``return_*`` flag is set, otherwise a :class:`StackOutput`.
+
+        The scan reads the layers' state and does not write it back: fine for parameters;
+        a block with mutable state (dropout RNG counters, running statistics) would need the
+        updated state returned from the scan.
         """
         graphdef, state = nnx.split(self.layers)
 

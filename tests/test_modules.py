@@ -106,6 +106,7 @@ BAD_ATTENTION = [
     ("tau0", dict(width=8, tau0=-1.0)),
     ("query_init", dict(width=8, query_init="ones")),
     ("identity_gain", dict(width=8, identity_gain=float("nan"))),
+    ("shaped_softmax", dict(width=8, activation="shaped_softmax", identity_gain=1.0)),
 ]
 
 
