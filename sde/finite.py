@@ -125,17 +125,58 @@ def gram_map(key: jax.Array, n_out: int) -> Callable[[jax.Array], jax.Array]:
     return apply
 
 
-def gram_maps(cfg: BlockConfig, key: jax.Array) -> BlockMaps:
+def bartlett_factor(key: jax.Array, shape: tuple, df: int, dtype) -> jax.Array:
+    """Lower-triangular ``B`` (``shape[-1]`` square) with ``B B^T ~ Wishart(df, I)``.
+
+    Bartlett decomposition: ``B_ii^2 ~ chi^2(df - i)`` (i = 0..m-1), ``B_ij ~ N(0, 1)`` below
+    the diagonal, all independent; needs ``df >= m``.
+    """
+    m = shape[-1]
+    k_chi, k_normal = jax.random.split(key)
+    chi2 = jax.random.chisquare(k_chi, jnp.arange(df, df - m, -1).astype(dtype), shape[:-1], dtype)
+    below = jnp.tril(jax.random.normal(k_normal, shape, dtype), -1)
+    return below + jnp.sqrt(chi2)[..., None] * jnp.broadcast_to(jnp.eye(m, dtype=dtype), shape)
+
+
+def gram_scores(key: jax.Array, heads: int, key_width: int) -> Callable[[jax.Array], jax.Array]:
+    """A fresh ``x -> (x W_Q,h)(x W_K,h)^T`` per head, drawn with O(m^2) random numbers.
+
+    With ``R R^T = x x^T / n`` the product is ``R G1 G2^T R^T`` for iid N(0, 1) ``G1, G2``
+    (m x n_k). Given G1 the columns of ``G1 G2^T`` are iid ``N(0, G1 G1^T)``, so
+    ``G1 G2^T = B G3`` in law, with ``B`` the Bartlett factor of ``G1 G1^T ~ Wishart(n_k, I)``
+    and ``G3`` iid m x m: exact, and ``2 m n_k`` random numbers become ``m (3m + 1) / 2``.
+    """
+
+    def apply(x):
+        m = x.shape[-2]
+        shape = (*x.shape[:-2], heads, m, m)
+        k_b, k_g = jax.random.split(key)
+        b = bartlett_factor(k_b, shape, key_width, x.dtype)
+        g = jax.random.normal(k_g, shape, x.dtype)
+        r = psd_root(gram(x))[..., None, :, :]
+        return r @ b @ g @ jnp.swapaxes(r, -1, -2)
+
+    return apply
+
+
+def gram_maps(cfg: BlockConfig, key: jax.Array, m_tokens: int) -> BlockMaps:
     """The maps of one block for the Gram sampler; sizes as listed in :class:`BlockMaps`.
 
-    ``query_init="zero"`` gives a zero query map, as the module's zero kernel does."""
+    The scores come from :func:`gram_scores` (zero for ``query_init="zero"``, as the module's
+    zero query kernel gives)."""
     att = cfg.attention
     ks = jax.random.split(key, 6)
     n, qk, v = cfg.width, att.num_heads * att.head_dim, att.num_heads * att.value_dim
-    zero_query = att.query_init == "zero"
+    if att.query_init == "zero":
+        scores = lambda x: jnp.zeros((*x.shape[:-2], att.num_heads, m_tokens, m_tokens), x.dtype)  # noqa: E731
+    elif att.head_dim >= m_tokens:
+        scores = gram_scores(ks[0], att.num_heads, att.head_dim)
+    else:  # n_k < m: no Bartlett factor; draw X W_Q and X W_K themselves
+        scores = None
     return BlockMaps(
-        query=(lambda x: jnp.zeros((*x.shape[:-1], qk), x.dtype)) if zero_query else gram_map(ks[0], qk),
-        key=gram_map(ks[1], qk),
+        query=gram_map(ks[0], qk) if scores is None else None,
+        key=gram_map(ks[1], qk) if scores is None else None,
+        scores=scores,
         value=gram_map(ks[2], v),
         output=gram_map(ks[3], n) if att.out_proj else None,
         mlp_in=gram_map(ks[4], cfg.mlp_hidden),
@@ -146,7 +187,7 @@ def gram_maps(cfg: BlockConfig, key: jax.Array) -> BlockMaps:
 def _layer(cfg: BlockConfig, sampler: str, x: jax.Array, key: jax.Array) -> jax.Array:
     """One block applied to ``x`` with fresh weights from ``key``."""
     if sampler == "gram":
-        maps = gram_maps(cfg, key)
+        maps = gram_maps(cfg, key, x.shape[-2])
     else:
         maps = Block(cfg, rngs=nnx.Rngs(params=key)).maps()
     return block_apply(cfg, x, maps=maps)

@@ -42,6 +42,9 @@ class BlockMaps(NamedTuple):
         norm_attn, norm_mlp: LayerNorms ``[..., n] -> [..., n]`` of the pre_ln / post_ln
             kinds (``None``: the parameter-free :func:`layer_norm`); must be ``None`` for the
             shaped and unshaped kinds.
+        scores: optional ``x -> [..., H, m, m]``, the per-head products ``(x W_Q,h)(x W_K,h)^T``
+            before the temperature, in place of ``query`` and ``key`` (which must then be
+            ``None``). A sampler can draw this m x m product directly (sde/finite.py).
     Maps of a sub-block that the config leaves out (``sublayers``) may be ``None``.
     """
 
@@ -53,6 +56,7 @@ class BlockMaps(NamedTuple):
     mlp_out: Optional[Map] = None
     norm_attn: Optional[Map] = None
     norm_mlp: Optional[Map] = None
+    scores: Optional[Map] = None
 
 
 # ------------------------------------------------------------------------ scalar formulas
@@ -134,8 +138,7 @@ def attention_mask(cfg: AttentionConfig, shape: tuple, mask: Optional[Array] = N
 
 def attention_weights(
     cfg: AttentionConfig,
-    q: Array,
-    k: Array,
+    qk: Array,
     *,
     mask: Optional[Array] = None,
     score_bias: Optional[Array] = None,
@@ -143,14 +146,14 @@ def attention_weights(
     """``A = identity_gain I + act(q k^T / tau + score_bias) - centre_gain C``.
 
     Arguments:
-        q, k: ``[..., m, H, n_k]``.
+        qk: ``[..., H, m, m]``, the per-head products ``q_h k_h^T``.
         mask: boolean, broadcastable to ``[..., H, m, m]`` (True = attend).
         score_bias: additive bias broadcastable to ``[..., H, m, m]`` (e.g. a learned
             relative position bias), added after the temperature.
 
     Returns ``[..., H, m, m]``; the shaping step is skipped when both gains are 0.
     """
-    scores = jnp.einsum("...qhd,...khd->...hqk", q, k) / temperature(cfg)
+    scores = qk / temperature(cfg)
     if score_bias is not None:
         scores = scores + jnp.broadcast_to(score_bias, scores.shape)
     mask = attention_mask(cfg, scores.shape, mask)
@@ -166,10 +169,11 @@ def attention_apply(
     cfg: AttentionConfig,
     x: Array,
     *,
-    query: Map,
-    key: Map,
+    query: Optional[Map],
+    key: Optional[Map],
     value: Map,
     output: Optional[Map] = None,
+    scores: Optional[Map] = None,
     mask: Optional[Array] = None,
     score_bias: Optional[Array] = None,
     return_weights: bool = False,
@@ -183,10 +187,16 @@ def attention_apply(
     """
     heads, dk, dv = cfg.num_heads, cfg.head_dim, cfg.value_dim
     batch_m = x.shape[:-1]
-    q = query(x).reshape(*batch_m, heads, dk)
-    k = key(x).reshape(*batch_m, heads, dk)
+    if scores is None:
+        q = query(x).reshape(*batch_m, heads, dk)
+        k = key(x).reshape(*batch_m, heads, dk)
+        qk = jnp.einsum("...qhd,...khd->...hqk", q, k)
+    elif query is None and key is None:
+        qk = scores(x)
+    else:
+        raise ValueError("give either a scores map or query and key maps, not both")
     v = value(x).reshape(*batch_m, heads, dv)
-    weights = attention_weights(cfg, q, k, mask=mask, score_bias=score_bias)
+    weights = attention_weights(cfg, qk, mask=mask, score_bias=score_bias)
     o = jnp.einsum("...hqk,...khd->...qhd", weights, v)
     if cfg.out_proj:
         if output is None:
@@ -244,7 +254,8 @@ def block_apply(
             nonlocal weights
             out, weights = attention_apply(
                 cfg.attention, h, query=maps.query, key=maps.key, value=maps.value,
-                output=maps.output, mask=mask, score_bias=score_bias, return_weights=True,
+                output=maps.output, scores=maps.scores, mask=mask, score_bias=score_bias,
+                return_weights=True,
             )
             return out
 

@@ -146,3 +146,25 @@ def test_validation(kwargs, match):
     args = dict(V0=V0, width=8, depth=2, num_samples=2, sampler="gram") | kwargs
     with pytest.raises(ValueError, match=match):
         finite.simulate_finite(args.pop("V0"), VARIANTS["shaped"], key=KEY, **args)
+
+
+def test_bartlett_scores_have_the_law_of_explicit_products():
+    # (x W_Q)(x W_K)^T with explicit N(0, 1/n) weights against gram_scores' R B G3 R^T, at
+    # n_k = m = 3 where the product is far from Gaussian. KS on a diagonal and an off-diagonal
+    # entry; the negative control (a Gaussian of the same variance) must be rejected.
+    n, nk, draws = 10, 3, 20000
+    x = finite.initial_tokens(V0, n)
+    keys = jax.random.split(jax.random.key(5), draws)
+
+    def explicit(k):
+        kq, kk = jax.random.split(k)
+        wq = jax.random.normal(kq, (n, nk)) / np.sqrt(n)
+        wk = jax.random.normal(kk, (n, nk)) / np.sqrt(n)
+        return (x @ wq) @ (x @ wk).T
+
+    a = np.asarray(jax.vmap(explicit)(keys))
+    b = np.asarray(jax.vmap(lambda k: finite.gram_scores(k, 1, nk)(x)[0])(jax.random.split(jax.random.key(6), draws)))
+    for i, j in [(0, 0), (0, 1), (2, 1)]:
+        assert stats.ks_2samp(a[:, i, j], b[:, i, j]).pvalue > 1e-4, (i, j)
+    gauss = np.random.default_rng(0).normal(size=draws) * a[:, 0, 0].std()
+    assert stats.ks_2samp(a[:, 0, 0], gauss).pvalue < 1e-6
