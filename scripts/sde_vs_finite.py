@@ -65,7 +65,7 @@ class RunConfig:
     sampler: str = "gram"
     variants: tuple = ()
     gammas: tuple = ()
-    sweep_widths: tuple = (16, 32, 64)
+    sweep_widths: tuple = ()
     chunk: int = 1024
     stop_norm: float = 1e4
     dtype: str = "float32"
@@ -89,11 +89,11 @@ PRESETS = {
     "fig1": dict(width=200, depth=150, gamma=1 / math.sqrt(8), samples=4096, sde_paths=16384,
                  dt=0.01, variants=("unshaped", "pre_ln"), sweep_widths=(25, 50, 100, 200, 400)),
     "fig3": dict(block="mlp", m=2, width=300, depth=100, gamma=0.25, samples=8192, sde_paths=16384,
-                 dt=0.01 / 3, gammas=(0.1, 0.25, 0.5, 1.0), sweep_widths=()),
+                 dt=0.01 / 3, gammas=(0.1, 0.25, 0.5, 1.0)),
     "fig4": dict(width=300, depth=150, gamma=1 / math.sqrt(2), samples=8192, sde_paths=16384,
-                 dt=0.01, variants=("no_centre", "no_identity", "no_sqrt_n"), sweep_widths=()),
+                 dt=0.01, variants=("no_centre", "no_identity", "no_sqrt_n")),
     "fig5": dict(v0_scale=100.0, width=200, depth=200, samples=100, sde_paths=1000, dt=0.005,
-                 gamma=0.2, gammas=(0.05, 0.1, 0.2, 0.3, 0.5, 0.7), stop_norm=1e5, sweep_widths=()),
+                 gamma=0.2, gammas=(0.05, 0.1, 0.2, 0.3, 0.5, 0.7), stop_norm=1e5),
 }
 
 
