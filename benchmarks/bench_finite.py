@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from common import GAMMA, RHO0, aot_compile, fit_power, time_calls
 
+from sde import finite as finite_module
 from sde.finite import FiniteSampler, gram, initial_tokens, sample_keys, sized_config
 from shaped_attn.config import shaped_config
 from shaped_attn.models import Stack
@@ -58,20 +59,33 @@ def block_config():
     return functools.partial(shaped_config, gamma=GAMMA, tau0=1.0, c_plus=0.0, c_minus=-1.0)
 
 
-def gram_layer_flops(m: int, n: int, n_k: int | None = None) -> int:
+BARTLETT_SCORES = hasattr(finite_module, "gram_scores")
+"""Whether the library's gram sampler draws the scores ``Q K^T`` with a Bartlett factor
+(O(m^2) random numbers) instead of drawing ``X W_Q`` and ``X W_K`` (2 m n_k)."""
+
+
+def gram_layer_flops(m: int, n: int, n_k: int | None = None, bartlett: bool = BARTLETT_SCORES) -> int:
     """Matmul flops of one gram-sampler layer (shaped, one head, no output projection).
 
     4 Gram matrices ``x x^T / n`` (inputs of attention, MLP-in and MLP-out, and the recorded
-    ``V_l``): ``4 * 2 m^2 n``; 5 maps ``R @ G`` (query, key, value, MLP-in, MLP-out):
-    ``2 * 2 m^2 n_k + 3 * 2 m^2 n``; attention einsums ``Q K^T`` and ``A V``:
-    ``2 m^2 n_k + 2 m^2 n``. The m x m factorisations, softmax and elementwise work are not
-    counted.
+    ``V_l``): ``8 m^2 n``; maps ``R @ G`` for value, MLP-in, MLP-out: ``6 m^2 n``; ``A V``:
+    ``2 m^2 n``. Scores: with the Bartlett route ``R B G R^T`` (three m x m products,
+    ``6 m^3``), otherwise the query and key maps ``4 m^2 n_k`` and ``Q K^T`` ``2 m^2 n_k``.
+    The m x m factorisations, softmax and elementwise work are not counted.
     """
     n_k = n if n_k is None else n_k
-    return 8 * m * m * n + (4 * m * m * n_k + 6 * m * m * n) + (2 * m * m * n_k + 2 * m * m * n)
+    scores = 6 * m**3 if bartlett else 6 * m * m * n_k
+    return 8 * m * m * n + 6 * m * m * n + 2 * m * m * n + scores
 
 
-GRAM_FLOPS_FORMULA = "8 m^2 n (4 Grams) + 4 m^2 n_k + 6 m^2 n (5 maps R G) + 2 m^2 n_k + 2 m^2 n (Q K^T, A V)"
+def gram_flops_formula(bartlett: bool = BARTLETT_SCORES) -> str:
+    scores = "6 m^3 (scores R B G R^T, Bartlett)" if bartlett else "6 m^2 n_k (query/key maps, Q K^T)"
+    return f"8 m^2 n (4 Grams) + 6 m^2 n (value, MLP-in, MLP-out maps R G) + 2 m^2 n (A V) + {scores}"
+
+
+def gram_layer_normals(m: int, n: int, bartlett: bool = BARTLETT_SCORES) -> int:
+    """Standard normals drawn per gram-sampler layer (chi-square draws not counted)."""
+    return 3 * m * n + (m * m + m * (m - 1) // 2 if bartlett else 2 * m * n)
 
 
 def sampler_rate(sampler: str, *, width: int, depth: int, m: int, samples: int, repeats: int,
@@ -144,11 +158,11 @@ def width_sweep(widths, *, depth: int, m: int, normals_per_call: float, repeats:
     """Gram-sampler seconds per sample-layer against width, with a fitted exponent."""
     rows = []
     for n in widths:
-        per_sample = depth * 5 * m * n  # random normals of one sample
+        per_sample = depth * gram_layer_normals(m, n)  # random normals of one sample
         S = int(2 ** round(math.log2(max(8, normals_per_call / per_sample))))
         r = sampler_rate("gram", width=n, depth=depth, m=m, samples=S, repeats=repeats)
         r["gflops"] = gram_layer_flops(m, n) * r["samples_layers_per_s"] / 1e9
-        r["normals_per_s"] = 5 * m * n * r["samples_layers_per_s"]
+        r["normals_per_s"] = gram_layer_normals(m, n) * r["samples_layers_per_s"]
         rows.append(r)
     fit = fit_power([r["width"] for r in rows], [r["s_per_sample_layer"] for r in rows])
     large = [r for r in rows if r["width"] >= 512]
@@ -184,15 +198,27 @@ def run(quick: bool = False, log=print, smoke: bool = False) -> dict:
     out["matmul_peak"] = matmul_peak(256 if smoke else 2048 if quick else 4096)
     out["rng"] = rng_throughput(1 << 16 if smoke else 1 << 22)
     flops = gram_layer_flops(m, n)
-    gflops = flops * out["gram"]["samples_layers_per_s"] / 1e9
+    rate = out["gram"]["samples_layers_per_s"]
+    gflops = flops * rate / 1e9
+    normals = gram_layer_normals(m, n)
     out["gram_gflops"] = {
-        "width": n, "m": m, "flops_per_sample_layer": flops, "formula": GRAM_FLOPS_FORMULA,
+        "width": n, "m": m, "flops_per_sample_layer": flops, "formula": gram_flops_formula(),
+        "bartlett_scores": BARTLETT_SCORES,
         "gflops": gflops, "matmul_peak_gflops": out["matmul_peak"]["gflops"],
         "fraction_of_peak": gflops / out["matmul_peak"]["gflops"],
-        "normals_per_sample_layer": 5 * m * n,
-        "normals_per_s": 5 * m * n * out["gram"]["samples_layers_per_s"],
-        "rng_fraction": 5 * m * n * out["gram"]["samples_layers_per_s"] / out["rng"]["jax_normals_per_s"],
+        "normals_per_sample_layer": normals,
+        "normals_per_s": normals * rate,
+        "rng_time_fraction_estimate": normals * rate / out["rng"]["jax_normals_per_s"],
+        "note": "rng_time_fraction_estimate = normals drawn per second / jax.random.normal throughput "
+                "alone: the share of the run that generating the normals would take by itself",
     }
+    for k in ("weights", "loop"):  # real weights: 5 n x n matrices per layer (q, k, v, MLP in/out)
+        r = out[k]
+        r["normals_per_sample_layer"] = 5 * n * n
+        r["normals_per_s"] = 5 * n * n * r["samples_layers_per_s"]
+        r["rng_time_fraction_estimate"] = r["normals_per_s"] / out["rng"]["jax_normals_per_s"]
+    log(f"  weights/loop draw {out['weights']['normals_per_s']:.3g} / {out['loop']['normals_per_s']:.3g} "
+        f"normals/s (jax.random.normal alone: {out['rng']['jax_normals_per_s']:.3g})")
     log(f"  gram GFLOP/s {gflops:.3g} of matmul peak {out['matmul_peak']['gflops']:.3g}; "
         f"normals/s {out['gram_gflops']['normals_per_s']:.3g} vs jax.random.normal alone "
         f"{out['rng']['jax_normals_per_s']:.3g}")

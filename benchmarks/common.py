@@ -140,42 +140,43 @@ def machine_tag(info: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
 
 
+_WRAPPER = """
+import json, resource, subprocess, sys
+rc = subprocess.call(sys.argv[1:])
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"__rusage__": {"maxrss": ru.ru_maxrss, "rc": rc}}), flush=True)
+sys.exit(rc)
+"""
+
+
 def run_process(cmd: Sequence[str], *, env: dict | None = None, timeout: float = 900,
                 cwd: Path = ROOT) -> tuple[str, dict]:
     """Run ``cmd``; return ``(stdout, {"wall_s", "max_rss_mb"})``.
 
-    ``wall_s`` is the wall time of the whole process (start-up and imports included);
-    ``max_rss_mb`` its peak resident set size from ``os.wait4``: the child's own ``rusage``,
-    i.e. what ``resource.getrusage(RUSAGE_CHILDREN)`` reports in a parent whose only child it
-    is (Linux reports ``ru_maxrss`` in KiB).
+    ``wall_s`` is the wall time of the whole process (start-up and imports included).
+    ``max_rss_mb`` is the peak resident set size of ``cmd``, read with
+    ``resource.getrusage(RUSAGE_CHILDREN)`` in a small wrapper process that starts it. The
+    wrapper matters: Linux carries the parent's peak RSS over ``fork`` + ``exec`` into the
+    child's ``ru_maxrss``, so measuring directly from a large parent (this runner, after the
+    other suites) would report the parent's size; the wrapper is a bare Python (~10 MB).
     """
-    import tempfile
-
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
-    with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), cwd=cwd, env=full_env, stdout=fout, stderr=ferr, text=True)
-        deadline = t0 + timeout
-        while True:
-            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                raise RuntimeError(f"timed out after {timeout} s: {' '.join(cmd)}")
-            time.sleep(0.05)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        fout.seek(0)
-        ferr.seek(0)
-        out, err = fout.read(), ferr.read()
+    wrapped = [sys.executable, "-c", _WRAPPER, *cmd]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(wrapped, cwd=cwd, env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"timed out after {timeout} s: {' '.join(cmd)}") from None
+    wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (rc {proc.returncode}):\n{err[-3000:]}")
-    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20
-    return out, {"wall_s": wall, "max_rss_mb": rusage.ru_maxrss * scale}
+        raise RuntimeError(f"{' '.join(cmd)} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    lines = proc.stdout.rstrip().splitlines()
+    ru = json.loads(lines[-1])["__rusage__"]
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20  # KiB on Linux, bytes on macOS
+    return "\n".join(lines[:-1]) + "\n", {"wall_s": wall, "max_rss_mb": ru["maxrss"] * scale}
 
 
 def last_json_line(text: str) -> dict:

@@ -55,7 +55,7 @@ def plot(results: dict, path: Path) -> Path:
         for k, mk in (("weights", "s"), ("loop", "^")):
             r = fin.get(k)
             if r:
-                ax_n.loglog([r["width"]], [r["s_per_sample_layer"]], mk, label=f"{k} (n = {r['width']})")
+                ax_n.loglog([r["width"]], [r["s_per_sample_layer"]], mk, label=f"{k} (n = {r['width']}, depth {r['depth']})")
         ax_n.legend(fontsize=8)
     else:
         ax_n.text(0.5, 0.5, "no width sweep in this file", ha="center", va="center", transform=ax_n.transAxes)

@@ -52,10 +52,18 @@ def machine_line(r: dict, source: str) -> str:
             f"{r['created'][:10]} (`{source}`). Ratios are measured within that one run.")
 
 
+def _headline(r: dict) -> str:
+    g = _get(r, "suites", "finite", "gram")
+    if not g:
+        return "n = 1024, m = 8, d = 64"
+    return f"n = {g['width']}, m = {g['m']}, d = {g['depth']}"
+
+
 def ratio_table(r: dict) -> list[str]:
     lines = ["| measure | ratio | target | |", "|---|---:|---:|---|"]
     targets = r.get("targets", {})
     for key, label in RATIO_ROWS:
+        label = label.replace("n = 1024, m = 8, d = 64", _headline(r))
         t = targets.get(key, {})
         value = r.get("ratios", {}).get(key)
         met = t.get("met")
@@ -70,9 +78,9 @@ def figures_table(r: dict) -> list[str]:
     fin = s.get("finite")
     if fin:
         rates = " / ".join(_g(_get(fin, k, "samples_layers_per_s"), ".3g") for k in ("gram", "weights", "loop"))
-        rows.append(("finite samples x layers/s, gram / weights / loop (n = 1024, m = 8, d = 64)", rates))
+        rows.append((f"finite samples x layers/s, gram / weights / loop ({_headline(r)})", rates))
         gf = fin.get("gram_gflops", {})
-        rows.append(("gram sampler GFLOP/s (matmul peak in the same run)",
+        rows.append((f"gram sampler GFLOP/s at {_headline(r)} (matmul peak in the same run)",
                      f"{_g(gf.get('gflops'))} ({_g(gf.get('fraction_of_peak'), '.1%')} of {_g(gf.get('matmul_peak_gflops'))})"))
         ws = fin.get("width_sweep", {})
         if ws.get("rows"):
@@ -104,9 +112,13 @@ def figures_table(r: dict) -> list[str]:
         for mode in ("streaming", "simulate_finite"):
             if mode in mem:
                 rss = ", ".join(f"{x['samples']}: {x['max_rss_mb']:.0f} MB" for x in mem[mode]["rows"])
-                flat = "flat" if mem[mode]["flat"] else "**grows**"
-                rows.append((f"peak RSS of a chunked Monte Carlo ({mode}, chunk {mem['settings']['chunk']}) by samples",
-                             f"{rss} ({flat})"))
+                if mode == "streaming":
+                    tail = "flat" if mem[mode]["flat"] else "**grows**"
+                    label = "peak RSS of a chunked Monte Carlo (last layer kept"
+                else:
+                    tail = f"result grows {mem[mode]['result_growth_mb']:.0f} MB"
+                    label = "peak RSS of `simulate_finite` (all layers returned"
+                rows.append((f"{label}, chunk {mem['settings']['chunk']}) by samples", f"{rss} ({tail})"))
     dev = s.get("devices")
     if dev and dev.get("rows"):
         rows.append(("gram sampler samples/s by (virtual CPU) device count",

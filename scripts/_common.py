@@ -56,6 +56,7 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump(_jsonable(data), f, indent=1)
             f.write("\n")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -70,6 +71,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 
@@ -90,6 +92,7 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     import matplotlib.pyplot as plt
 
@@ -132,3 +135,42 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+"""XLA flags of the worker processes of :func:`parallel_map`: one thread each, so that
+``workers`` processes share the cores without oversubscription. Every job runs in a worker
+with these flags, whatever the number of workers, so results do not depend on it."""
+
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def parallel_map(fn, jobs: Sequence[Any], workers: int, on_result=None) -> list[Any]:
+    """``[fn(*job) for job in jobs]`` in ``workers`` spawned processes (results in job order).
+
+    ``fn`` must be a module-level function of the calling script. ``on_result(job, result)``
+    is called in the parent as each job finishes (progress, partial results).
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    saved = os.environ.get("XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = f"{saved or ''} {SINGLE_THREAD_XLA}".strip()  # inherited
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        results: list[Any] = [None] * len(jobs)
+        with concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=ctx) as pool:
+            futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+            for fut in concurrent.futures.as_completed(futures):
+                i = futures[fut]
+                results[i] = fut.result()
+                if on_result is not None:
+                    on_result(jobs[i], results[i])
+        return results
+    finally:
+        if saved is None:
+            os.environ.pop("XLA_FLAGS", None)
+        else:
+            os.environ["XLA_FLAGS"] = saved

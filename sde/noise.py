@@ -20,11 +20,11 @@ boundary).
 
 Factor of ``V`` (:func:`psd_factor`): ``"eigh"`` uses the eigendecomposition with eigenvalues
 clipped at 0 (exact for PSD ``V``, including singular ``V``; for slightly indefinite ``V`` it
-factors the PSD part ``V_+``). ``"cholesky"`` uses ``chol(V)`` and, where that fails (singular
-or slightly indefinite ``V``; JAX returns NaN), ``chol(V + jitter * I)``: the noise covariance
-then belongs to ``V + jitter * I``. On CPU Cholesky is 5-15x faster than ``eigh`` for the
-small matrices used here, so the solver uses it by default (with ``jitter`` equal to its PSD
-tolerance); ``sample_noise`` defaults to the exact ``"eigh"``.
+factors the PSD part ``V_+``). ``"cholesky"`` uses ``chol(V)`` and falls back to ``"eigh"``
+where Cholesky fails (singular or slightly indefinite ``V``; JAX returns NaN there), so it is
+exact on the PSD boundary too. On CPU Cholesky is 5-15x faster than ``eigh`` for the small
+matrices used here, so the solver uses it by default; the fallback runs only when some path
+of a chunk needs it.
 
 Generic route: build ``Sigma(V)`` (``D x D``, ``D = m (m + 1) / 2``), take a PSD square root by
 ``eigh`` with clipped eigenvalues, multiply a standard normal ``D``-vector and map it back to a
@@ -55,27 +55,40 @@ def eigh_factor(V: Array) -> Array:
     return Q * jnp.sqrt(jnp.maximum(w, 0.0))[..., None, :]
 
 
-def cholesky_factor(V: Array, jitter) -> Array:
-    """``chol(V)``, falling back to ``chol(V + jitter I)`` per matrix where ``chol(V)`` fails.
+def factor_and_check(V: Array, tol, factor: str = "cholesky") -> tuple[Array, Array]:
+    """A factor ``L`` (``L L^T = V``, or ``V_+`` on the boundary) and ``lambda_min(V) >= -tol``.
 
-    Returns NaN where both fail (``V`` has an eigenvalue below ``-jitter``). ``jitter`` is a
-    scalar or broadcasts against ``V.shape[:-2]``.
+    ``factor="eigh"``: eigendecomposition with clipped eigenvalues. ``factor="cholesky"``:
+    ``chol(V)`` (success implies ``V`` positive definite, so the check passes); where it fails
+    (singular or indefinite ``V``) the eigendecomposition is used instead, for both the factor
+    and the check. The fallback runs under ``lax.cond`` only if some matrix of the batch needs
+    it (inside a user's ``vmap`` the cond becomes a select, still correct). ``tol`` broadcasts
+    against ``V.shape[:-2]``.
     """
-    eye = jnp.eye(V.shape[-1], dtype=V.dtype)
+    tol = jnp.broadcast_to(jnp.asarray(tol, V.dtype), V.shape[:-2])
+    if factor == "eigh":
+        w, Q = jnp.linalg.eigh(V)
+        return Q * jnp.sqrt(jnp.maximum(w, 0.0))[..., None, :], w[..., 0] >= -tol
+    if factor != "cholesky":
+        raise ValueError(f"factor={factor!r} is not one of {FACTORS}")
     L0 = jnp.linalg.cholesky(V)
     ok = jnp.all(jnp.isfinite(L0), axis=(-2, -1))
-    jitter = jnp.broadcast_to(jnp.asarray(jitter, V.dtype), V.shape[:-2])
-    L1 = jnp.linalg.cholesky(V + jitter[..., None, None] * eye)
-    return jnp.where(ok[..., None, None], L0, L1)
+
+    def fallback(_):
+        w, Q = jnp.linalg.eigh(V)
+        Le = Q * jnp.sqrt(jnp.maximum(w, 0.0))[..., None, :]
+        return jnp.where(ok[..., None, None], L0, Le), ok | (w[..., 0] >= -tol)
+
+    return jax.lax.cond(jnp.all(ok), lambda _: (L0, ok), fallback, None)
 
 
-def psd_factor(V: Array, factor: str = "eigh", jitter=0.0) -> Array:
-    """A matrix ``L`` with ``L L^T = V`` (see the module docstring for ``factor``)."""
-    if factor == "eigh":
-        return eigh_factor(V)
-    if factor == "cholesky":
-        return cholesky_factor(V, jitter)
-    raise ValueError(f"factor={factor!r} is not one of {FACTORS}")
+def psd_factor(V: Array, factor: str = "eigh") -> Array:
+    """A matrix ``L`` with ``L L^T = V`` (``V_+`` for slightly indefinite ``V``).
+
+    ``"eigh"``: clipped eigendecomposition. ``"cholesky"``: Cholesky, with the ``"eigh"``
+    factor where Cholesky fails (singular ``V``); see :func:`factor_and_check`.
+    """
+    return factor_and_check(V, 0.0, factor)[0]
 
 
 def attention_factor(V: Array, L: Array) -> Array:
@@ -116,7 +129,7 @@ def sample_noise(key: Array, V: Array, params: SDEParams, *, factor: str = "eigh
       key: a JAX PRNG key.
       V: ``(..., m, m)`` symmetric PSD.
       params: :class:`SDEParams`.
-      factor: ``"eigh"`` (exact, default) or ``"cholesky"`` (jitter ``0``: NaN for singular V).
+      factor: ``"eigh"`` (default) or ``"cholesky"`` (with ``"eigh"`` fallback); same law.
     """
     k1, k2 = jax.random.split(key)
     Z1 = jax.random.normal(k1, V.shape, V.dtype)

@@ -56,15 +56,12 @@ from .coefficients import (
     sym_index,
     symmetrize,
 )
-from .noise import FACTORS, psd_factor, psd_sqrt, structured_noise
+from .noise import FACTORS, eigh_factor, factor_and_check, psd_sqrt, structured_noise
 from .params import SDEParams
 
 Array = jax.Array
 
 NOISES = ("structured", "generic")
-BROWNIANS = ("grid", "tree")
-TREE_RESOLUTION = 2.0**-20
-"""Resolution of the ``brownian="tree"`` VirtualBrownianTree, relative to T."""
 
 
 # --------------------------------------------------------------------------- results
@@ -111,19 +108,22 @@ class CorrelationSolution(NamedTuple):
 
 
 class GridBrownianPath(diffrax.AbstractBrownianPath):
-    """Brownian motion sampled on a fixed grid ``t_n = n h`` (like ``diffrax.UnsafeBrownianPath``).
+    """Brownian motion sampled on a fixed grid ``s_j = j h`` (like ``diffrax.UnsafeBrownianPath``).
 
-    The increment over ``[t0, t1]`` is ``sqrt(t1 - t0) * normal(fold_in(key, n))`` with
-    ``n = round(t0 / h)``. Valid only for steps between consecutive grid points of a fixed-step
-    solve (the only way it is used here). Unlike ``UnsafeBrownianPath`` (which derives the
-    random stream from the bits of ``t0`` and ``t1`` cast to float32) the stream is indexed by
-    the integer step, so float32 times never collide, and results are deterministic.
+    The increment over a grid cell ``[s_j, s_{j+1}]`` is ``sqrt(h) * normal(fold_in(key, j))``;
+    with ``substeps=True`` an increment over ``[t0, t1]`` spanning several cells is the sum of
+    the cell increments (``r = round((t1 - t0) / h)`` draws), so that solves with different step
+    sizes but the same ``key`` and ``h`` see the same Brownian path (common random numbers).
+    Valid only for intervals whose ends lie on the grid (the only way it is used here). Unlike
+    ``UnsafeBrownianPath`` (which derives the stream from the bits of ``t0, t1`` cast to
+    float32) the stream is indexed by the integer cell, so float32 times never collide.
     """
 
     shape: tuple[int, ...] = eqx.field(static=True)
     dtype: Any = eqx.field(static=True)
     key: Array
     h: Array
+    substeps: bool = eqx.field(static=True, default=False)
     levy_area: type = eqx.field(static=True, default=diffrax.BrownianIncrement)
 
     @property
@@ -134,14 +134,23 @@ class GridBrownianPath(diffrax.AbstractBrownianPath):
     def t1(self):
         return jnp.inf
 
+    def _cell(self, j):
+        return jax.random.normal(jax.random.fold_in(self.key, j), self.shape, self.dtype)
+
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
         del left
         if t1 is None:
             raise ValueError("GridBrownianPath only provides increments over grid steps")
-        n = jnp.round(t0 / self.h).astype(jnp.int32)
+        j0 = jnp.round(t0 / self.h).astype(jnp.int32)
         dt = jnp.asarray(t1 - t0, self.dtype)
-        w = jax.random.normal(jax.random.fold_in(self.key, n), self.shape, self.dtype)
-        w = w * jnp.sqrt(dt)
+        if self.substeps:
+            r = jnp.round((t1 - t0) / self.h).astype(jnp.int32)
+            total = jax.lax.fori_loop(
+                j0, j0 + r, lambda j, acc: acc + self._cell(j), jnp.zeros(self.shape, self.dtype)
+            )
+            w = total * jnp.sqrt(jnp.asarray(self.h, self.dtype))
+        else:
+            w = self._cell(j0) * jnp.sqrt(dt)
         if use_levy:
             return diffrax.BrownianIncrement(dt=dt, W=w)
         return w
@@ -151,20 +160,21 @@ class StructuredDiffusionTerm(diffrax.AbstractTerm):
     """Diffusion term ``N(V; dW)`` of the covariance SDE with the structured O(m^3) noise.
 
     The control is a Brownian motion of shape ``(2, m, m)`` (``dW = sqrt(dt) (Z1, Z2)``); the
-    vector field at ``V`` is the pair ``(V, L)`` with ``L L^T = V`` (factor of
-    :func:`sde.noise.psd_factor`), and ``prod`` is :func:`sde.noise.structured_noise`, linear
-    in ``dW``. The upper triangle of ``prod(vf(V), dW)`` has covariance
-    ``dt * diffusion_matrix(V, params)``.
+    vector field at ``V`` is the pair ``(V, L)`` with ``L L^T = V``, and ``prod`` is
+    :func:`sde.noise.structured_noise`, linear in ``dW``: the upper triangle of
+    ``prod(vf(V), dW)`` has covariance ``dt * diffusion_matrix(V, params)``.
+
+    ``args`` may carry a precomputed factor ``L`` of ``y`` (:func:`solve` passes the Cholesky
+    factor it computed for the stopping test of the same state, so each step factors ``V``
+    once); with ``args=None`` the factor is computed here (clipped ``eigh``).
     """
 
     params: SDEParams = eqx.field(static=True)
     control: diffrax.AbstractPath
-    factor: str = eqx.field(static=True, default="cholesky")
-    psd_tol: Any = 0.0
 
     def vf(self, t, y, args):
-        jitter = self.psd_tol * jnp.maximum(1.0, jnp.max(jnp.abs(y), axis=(-2, -1)))
-        return y, psd_factor(y, self.factor, jitter)
+        L = eigh_factor(y) if args is None else args
+        return y, L
 
     def contr(self, t0, t1, **kwargs):
         return self.control.evaluate(t0, t1, **kwargs)
@@ -184,21 +194,6 @@ def _generic_vector_field(params: SDEParams):
     return vector_field
 
 
-def _brownian_path(brownian: str, shape, dtype, key, h, T):
-    """The path's Brownian motion: ``"grid"`` (fast) or ``"tree"`` (``VirtualBrownianTree``)."""
-    if brownian == "grid":
-        return GridBrownianPath(shape, dtype, key, h)
-    # A resolution that does not depend on the step (T / 2^20), so that the same key gives the
-    # same Brownian path for every dt: nested grids => common random numbers.
-    return diffrax.VirtualBrownianTree(
-        t0=0.0,
-        t1=T,
-        tol=T * TREE_RESOLUTION,
-        shape=jax.ShapeDtypeStruct(shape, dtype),
-        key=key,
-    )
-
-
 def _drift_term(params: SDEParams) -> diffrax.ODETerm:
     return diffrax.ODETerm(lambda t, V, args: drift(V, params))
 
@@ -206,62 +201,79 @@ def _drift_term(params: SDEParams) -> diffrax.ODETerm:
 # --------------------------------------------------------------------------- stopping
 
 
-def stop_test(V: Array, stop_norm, psd_tol) -> Array:
-    """True where ``V`` is non-finite, ``max|V| > stop_norm`` or ``lambda_min(V) < -psd_tol * max(1, max|V|)``."""
+def check_state(V: Array, stop_norm, psd_tol, factor: str = "cholesky") -> tuple[Array, Array]:
+    """Stopping test of a batch of states and the factor of each state.
+
+    Returns ``(bad, L)``: ``bad`` is True where ``V`` has a non-finite entry,
+    ``max_ab |V_ab| > stop_norm`` or ``lambda_min(V) < -psd_tol * max(1, max_ab |V_ab|)``;
+    ``L L^T = V`` (``V_+``) from :func:`sde.noise.factor_and_check` (Cholesky, with the clipped
+    ``eigh`` only where Cholesky fails, so the eigenvalue test is evaluated exactly there).
+    """
     finite = jnp.all(jnp.isfinite(V), axis=(-2, -1))
-    Vs = jnp.where(finite[..., None, None], V, jnp.zeros_like(V))
+    eye = jnp.broadcast_to(jnp.eye(V.shape[-1], dtype=V.dtype), V.shape)
+    Vs = jnp.where(finite[..., None, None], V, eye)
     scale = jnp.max(jnp.abs(Vs), axis=(-2, -1))
-    delta = psd_tol * jnp.maximum(1.0, scale)
-    eye = jnp.eye(V.shape[-1], dtype=V.dtype)
-    Lc = jnp.linalg.cholesky(Vs + delta[..., None, None] * eye)
-    psd = jnp.all(jnp.isfinite(Lc), axis=(-2, -1))
-    return ~finite | (scale > stop_norm) | ~psd
+    L, psd = factor_and_check(Vs, psd_tol * jnp.maximum(1.0, scale), factor)
+    return ~finite | (scale > stop_norm) | ~psd, L
 
 
-def _integrate(terms, solver, y0, h, num_saves: int, save_every, is_bad, post):
-    """Fixed-step loop over ``solver.step`` with per-path freezing.
+def stop_test(V: Array, stop_norm, psd_tol) -> Array:
+    """True where the state ``V (..., m, m)`` stops a path (see :func:`check_state`)."""
+    return check_state(V, stop_norm, psd_tol)[0]
 
-    ``num_saves`` (static) blocks of ``save_every`` (traced) steps: the compiled program does not
-    depend on the number of steps, only on the number of saves. Returns
-    ``(ys (num_saves + 1, ...), stopped, stop_time)``.
+
+def _where_batch(mask, a, b):
+    """``where(mask, a, b)`` for pytrees whose leaves have the batch axis of ``mask`` first."""
+    return jax.tree_util.tree_map(
+        lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), a, b
+    )
+
+
+def _integrate(step, check, y0, aux0, h, num_saves: int, save_every):
+    """Fixed-step loop over a batch of paths with per-path freezing.
+
+    ``step(t0, t1, y, aux) -> (y1, state1)`` advances every path (``aux = (factor, solver
+    state)``); ``check(y1, stopped) -> (bad, factor1)`` tests the new states. ``num_saves``
+    (static) blocks of ``save_every`` (traced) steps: the compiled program depends on the
+    number of saves, not on the number of steps. Returns ``(ys (C, num_saves + 1, ...),
+    stopped (C,), stop_time (C,))``.
     """
     dtype = y0.dtype
-    t_first = jnp.zeros((), dtype)
-    state0 = solver.init(terms, t_first, t_first + h, y0, None)
+    C = y0.shape[0]
 
-    def step(n, carry):
-        y, state, stopped, stop_time = carry
+    def body(n, carry):
+        y, aux, stopped, stop_time = carry
         t0 = n.astype(dtype) * h
         t1 = (n + 1).astype(dtype) * h
-        y1, _, _, state1, _ = solver.step(terms, t0, t1, y, None, state, made_jump=False)
-        y1 = post(y1)
-        bad = is_bad(y1)
+        y1, state1 = step(t0, t1, y, aux)
+        bad, factor1 = check(y1, stopped)
         stop_time = jnp.where(bad & ~stopped, t1, stop_time)
         stopped = stopped | bad
-        y = jnp.where(stopped, y, y1)
-        return y, state1, stopped, stop_time
+        y, aux = _where_batch(stopped, (y, aux), (y1, (factor1, state1)))
+        return y, aux, stopped, stop_time
 
     def save_block(carry, k):
         first = k * save_every
-        carry = jax.lax.fori_loop(first, first + save_every, step, carry)
+        carry = jax.lax.fori_loop(first, first + save_every, body, carry)
         return carry, carry[0]
 
-    carry0 = (y0, state0, jnp.array(False), jnp.array(jnp.inf, dtype))
+    carry0 = (y0, aux0, jnp.zeros((C,), bool), jnp.full((C,), jnp.inf, dtype))
     (_, _, stopped, stop_time), ys = jax.lax.scan(
         save_block, carry0, jnp.arange(num_saves, dtype=jnp.int32)
     )
     ys = jnp.concatenate([y0[None], ys], axis=0)
-    return ys, stopped, stop_time
+    return jnp.moveaxis(ys, 0, 1), stopped, stop_time
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("params", "num_saves", "noise", "factor", "deterministic", "brownian"),
+    static_argnames=("params", "num_saves", "noise", "factor", "deterministic", "substeps"),
 )
 def _solve_chunk(
     keys,
     V0s,
     h,
+    hb,
     save_every,
     stop_norm,
     psd_tol,
@@ -271,63 +283,75 @@ def _solve_chunk(
     noise,
     factor,
     deterministic,
-    brownian,
+    substeps,
 ):
-    """Solve a chunk of paths: ``keys (C,)``, ``V0s (C, m, m)``; jitted, vmapped over paths."""
+    """Solve a chunk of paths: ``keys (C,)``, ``V0s (C, m, m)``; jitted.
+
+    The time loop runs over the batch; the diffrax step is vmapped over paths, each path
+    building its own Brownian motion from its own key."""
     m = V0s.shape[-1]
     dtype = V0s.dtype
-    T = num_saves * save_every * h
+    drift_term = diffrax.ODETerm(lambda t, V, args: drift(V, params))
 
-    def path(key, V0):
-        if deterministic:
-            terms = _drift_term(params)
-            solver = diffrax.Tsit5()
-        else:
-            shape = (2, m, m) if noise == "structured" else (m * (m + 1) // 2,)
-            bm = _brownian_path(brownian, shape, dtype, key, h, T)
+    if deterministic:
+        solver = diffrax.Tsit5()
+
+        def terms_of(key):
+            return drift_term
+
+    else:
+        solver = diffrax.Euler()
+        shape = (2, m, m) if noise == "structured" else (m * (m + 1) // 2,)
+
+        def terms_of(key):
+            bm = GridBrownianPath(shape, dtype, key, hb, substeps)
             if noise == "structured":
-                diffusion = StructuredDiffusionTerm(params, bm, factor, psd_tol)
+                diffusion = StructuredDiffusionTerm(params, bm)
             else:
                 diffusion = diffrax.ControlTerm(_generic_vector_field(params), bm)
-            terms = diffrax.MultiTerm(_drift_term(params), diffusion)
-            solver = diffrax.Euler()
-        return _integrate(
-            terms,
-            solver,
-            V0,
-            h,
-            num_saves,
-            save_every,
-            lambda V: stop_test(V, stop_norm, psd_tol),
-            symmetrize,
-        )
+            return diffrax.MultiTerm(drift_term, diffusion)
 
-    return jax.vmap(path)(keys, V0s)
+    def path_step(key, V, L, state, t0, t1):
+        args = L if (noise == "structured" and not deterministic) else None
+        V1, _, _, state1, _ = solver.step(terms_of(key), t0, t1, V, args, state, made_jump=False)
+        return symmetrize(V1), state1
+
+    def step(t0, t1, V, aux):
+        L, state = aux
+        return jax.vmap(path_step, in_axes=(0, 0, 0, 0, None, None))(keys, V, L, state, t0, t1)
+
+    def check(V1, stopped):
+        # stopped paths keep their last state; factor the identity instead of re-testing it
+        eye = jnp.broadcast_to(jnp.eye(m, dtype=dtype), V1.shape)
+        return check_state(jnp.where(stopped[:, None, None], eye, V1), stop_norm, psd_tol, factor)
+
+    _, L0 = check_state(V0s, jnp.inf, jnp.inf, factor)
+    t_0 = jnp.zeros((), dtype)
+    state0 = jax.vmap(lambda key, V: solver.init(terms_of(key), t_0, t_0 + h, V, None))(keys, V0s)
+    return _integrate(step, check, V0s, (L0, state0), h, num_saves, save_every)
 
 
-@functools.partial(jax.jit, static_argnames=("params", "num_saves", "brownian"))
-def _solve_correlation_chunk(keys, rho0s, h, save_every, psd_tol, *, params, num_saves, brownian):
+@functools.partial(jax.jit, static_argnames=("params", "num_saves", "substeps"))
+def _solve_correlation_chunk(keys, rho0s, h, hb, save_every, psd_tol, *, params, num_saves, substeps):
     dtype = rho0s.dtype
-    T = num_saves * save_every * h
+    solver = diffrax.Euler()
 
-    def path(key, rho0):
-        bm = _brownian_path(brownian, (), dtype, key, h, T)
+    def path_step(key, r, t0, t1):
+        bm = GridBrownianPath((), dtype, key, hb, substeps)
         terms = diffrax.MultiTerm(
             diffrax.ODETerm(lambda t, r, args: correlation_drift(r, params)),
             diffrax.ControlTerm(lambda t, r, args: correlation_diffusion(r, params), bm),
         )
-        return _integrate(
-            terms,
-            diffrax.Euler(),
-            rho0,
-            h,
-            num_saves,
-            save_every,
-            lambda r: ~jnp.isfinite(r) | (jnp.abs(r) > 1.0 + psd_tol),
-            lambda r: r,
-        )
+        return solver.step(terms, t0, t1, r, None, None, made_jump=False)[0]
 
-    return jax.vmap(path)(keys, rho0s)
+    def step(t0, t1, r, aux):
+        r1 = jax.vmap(path_step, in_axes=(0, 0, None, None))(keys, r, t0, t1)
+        return r1, None
+
+    def check(r1, stopped):
+        return ~jnp.isfinite(r1) | (jnp.abs(r1) > 1.0 + psd_tol), None
+
+    return _integrate(step, check, rho0s, (None, None), h, num_saves, save_every)
 
 
 # --------------------------------------------------------------------------- validation
@@ -370,11 +394,17 @@ def time_grid(T, dt, save_every: int = 1) -> tuple[int, float]:
     return n_steps, T / n_steps
 
 
-def _check_brownian(brownian: str, n_steps: int) -> None:
-    if brownian not in BROWNIANS:
-        raise ValueError(f"brownian={brownian!r} is not one of {BROWNIANS}")
-    if brownian == "tree" and n_steps > 2**16:
-        raise ValueError(f"brownian='tree' supports at most 2^16 steps, got T/dt={n_steps}")
+def brownian_grid(h: float, n_steps: int, brownian_dt) -> tuple[float, bool]:
+    """Validate ``brownian_dt``; return ``(h_b, substeps)`` (``h_b = h`` when it is None)."""
+    if brownian_dt is None:
+        return h, False
+    hb = _positive_real("brownian_dt", brownian_dt)
+    r = int(round(h / hb))
+    if r < 1 or abs(r * hb - h) > 1e-9 * h:
+        raise ValueError(f"brownian_dt={brownian_dt!r} must divide dt={h!r} (dt/brownian_dt={h / hb!r})")
+    if r * n_steps >= 2**31:
+        raise ValueError(f"brownian_dt={brownian_dt!r}: T/brownian_dt must be below 2^31")
+    return h / r, True
 
 
 def _float_dtype(x, name: str):
@@ -464,7 +494,7 @@ def solve(
     psd_tol: float | None = None,
     chunk_size: int | None = DEFAULT_CHUNK,
     factor: str = "cholesky",
-    brownian: str = "grid",
+    brownian_dt: float | None = None,
     deterministic: bool = False,
 ) -> SDESolution:
     """Simulate ``num_paths`` paths of the covariance SDE of ``params.block`` from ``V0``.
@@ -486,16 +516,15 @@ def solve(
       noise: ``"structured"`` (O(m^3) per step) or ``"generic"`` (``D x D`` square root, O(m^6)).
       stop_norm: stop a path when ``max_ab |V_ab| > stop_norm`` (> 0).
       psd_tol: stop a path when ``lambda_min(V) < -psd_tol * max(1, max|V|)``; default
-        ``sqrt(eps)`` of the dtype (1.5e-8 in float64, 3.5e-4 in float32). Also the Cholesky
-        jitter of the structured noise where ``chol(V)`` fails.
+        ``sqrt(eps)`` of the dtype (1.5e-8 in float64, 3.5e-4 in float32).
       chunk_size: paths per vmapped chunk (memory bound); ``None`` for all at once.
-      factor: factor of ``V`` for the structured noise, ``"cholesky"`` (default, with jitter
-        fallback) or ``"eigh"`` (clipped eigenvalues); see :mod:`sde.noise`.
-      brownian: ``"grid"`` (default; one Gaussian draw per step, :class:`GridBrownianPath`) or
-        ``"tree"`` (``diffrax.VirtualBrownianTree`` on ``[0, T]`` with resolution
-        ``T / 2^20``, at most ``2^16`` steps: slower, but the same key gives the same Brownian
-        path for every ``dt``, i.e. common random numbers for convergence studies; use
-        ``dt = T / 2^j`` so that the grids are nested and the grid times exact).
+      factor: factor of ``V`` for the structured noise and the PSD test: ``"cholesky"``
+        (default; clipped ``eigh`` where Cholesky fails, so exact on the PSD boundary) or
+        ``"eigh"`` (always); see :func:`sde.noise.factor_and_check`. Same law, different speed.
+      brownian_dt: if given (it must divide ``dt``), Brownian increments are drawn on the finer
+        grid of spacing ``brownian_dt`` and summed over each step: solves with different
+        ``dt`` but the same ``key`` and ``brownian_dt`` see the same Brownian path (common
+        random numbers for convergence studies). Default: one draw per step.
       deterministic: integrate the drift-only limit ``dV = b(V) dt`` instead (one path,
         ``diffrax.Tsit5`` on the same grid, same stopping rule); ``num_paths`` must be 1.
 
@@ -515,7 +544,7 @@ def solve(
         raise ValueError(f"noise={noise!r} is not one of {NOISES}")
     if factor not in FACTORS:
         raise ValueError(f"factor={factor!r} is not one of {FACTORS}")
-    _check_brownian(brownian, n_steps)
+    hb, substeps = brownian_grid(h, n_steps, brownian_dt)
     dtype = _float_dtype(V0, "V0")
     tol = _default_tol(dtype, psd_tol)
     if deterministic and num_paths != 1:
@@ -528,6 +557,7 @@ def solve(
     fn = functools.partial(
         _solve_chunk,
         h=jnp.asarray(h, dtype),
+        hb=jnp.asarray(hb, dtype),
         save_every=jnp.asarray(save_every, jnp.int32),
         stop_norm=jnp.asarray(stop_norm, dtype),
         psd_tol=jnp.asarray(tol, dtype),
@@ -536,7 +566,7 @@ def solve(
         noise=noise,
         factor=factor,
         deterministic=bool(deterministic),
-        brownian=brownian,
+        substeps=substeps,
     )
     V, stopped, stop_time = _run_chunks(fn, keys, V0s, num_paths, chunk_size)
     ts = jnp.arange(n_steps // save_every + 1, dtype=dtype) * jnp.asarray(save_every * h, dtype)
@@ -559,7 +589,7 @@ def solve_correlation(
     save_every: int = 1,
     psd_tol: float | None = None,
     chunk_size: int | None = DEFAULT_CHUNK,
-    brownian: str = "grid",
+    brownian_dt: float | None = None,
 ) -> CorrelationSolution:
     """Euler-Maruyama for the correlation SDE of the residual shaped-ReLU MLP (``block="mlp"``).
 
@@ -585,7 +615,7 @@ def solve_correlation(
         raise ValueError(f"params.block={params.block!r}: solve_correlation needs block='mlp'")
     n_steps, h = time_grid(T, dt, save_every)
     num_paths = _positive_int("num_paths", num_paths)
-    _check_brownian(brownian, n_steps)
+    hb, substeps = brownian_grid(h, n_steps, brownian_dt)
     dtype = _float_dtype(rho0, "rho0")
     tol = _default_tol(dtype, psd_tol)
     r = np.asarray(rho0, dtype=dtype)
@@ -598,11 +628,12 @@ def solve_correlation(
     fn = functools.partial(
         _solve_correlation_chunk,
         h=jnp.asarray(h, dtype),
+        hb=jnp.asarray(hb, dtype),
         save_every=jnp.asarray(save_every, jnp.int32),
         psd_tol=jnp.asarray(tol, dtype),
         params=params,
         num_saves=n_steps // save_every,
-        brownian=brownian,
+        substeps=substeps,
     )
     rho, stopped, stop_time = _run_chunks(fn, keys, jnp.asarray(r, dtype), num_paths, chunk_size)
     ts = jnp.arange(n_steps // save_every + 1, dtype=dtype) * jnp.asarray(save_every * h, dtype)

@@ -20,8 +20,7 @@ Shapes in names: ``R`` rows, ``N`` keys, ``B`` batch, ``H`` heads, ``L`` tokens,
 from __future__ import annotations
 
 import math
-import re
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -325,42 +324,97 @@ def softmax_frobenius_bound_ratio(scores: Array) -> Array:
     return frobenius_norm(activations.softmax(a)) / math.sqrt(a.shape[-1])
 
 
+def softmax_jacobian_frobenius(probs: Array) -> Array:
+    """``||diag(p) - p p^T||_F`` in closed form, ``[..., N] -> [...]``:
+    ``sqrt(sum p^2 - 2 sum p^3 + (sum p^2)^2)`` (O(N) instead of forming the N x N matrix)."""
+    p = jnp.asarray(probs)
+    s2 = jnp.sum(p**2, axis=-1)
+    s3 = jnp.sum(p**3, axis=-1)
+    sq = jnp.maximum(s2 - 2 * s3 + s2**2, 0)
+    positive = sq > 0  # sqrt's derivative is infinite at 0 (one-hot rows): keep gradients finite
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1)), 0)
+
+
 def softmax_gradient_bound_ratio(scores: Array) -> Array:
     """``||d softmax(A) / dA||_F / (2 sqrt(N))`` for ``A`` ``[..., N, N]``: at most 1.
 
     The derivative of the matrix map ``A -> softmax(A)`` (row-wise) is block diagonal with
-    blocks ``diag(p_i) - p_i p_i^T``; its Frobenius norm is ``sqrt(sum_i ||J_i||_F^2)``,
-    computed here from the closed form.
+    blocks ``J_i = diag(p_i) - p_i p_i^T``; its Frobenius norm is ``sqrt(sum_i ||J_i||_F^2)``
+    (closed form per row, :func:`softmax_jacobian_frobenius`).
     """
     a = jnp.asarray(scores)
-    jac = softmax_jacobian(activations.softmax(a))  # [..., N, N, N]
-    sq = jnp.sum(jnp.square(jac), axis=(-3, -2, -1))
-    return jnp.sqrt(sq) / (2 * math.sqrt(a.shape[-1]))
+    per_row = softmax_jacobian_frobenius(activations.softmax(a))  # [..., N]
+    return jnp.sqrt(jnp.sum(per_row**2, axis=-1)) / (2 * math.sqrt(a.shape[-1]))
 
 
 # --------------------------------------------------------- gradient norms at initialisation
 
 
-_LAYER_RE = re.compile(r"^(layers?|blocks?|stack|h)$")
+def _flat_params(state) -> list[tuple[tuple[str, ...], Array]]:
+    """``(path, array)`` pairs of an ``nnx.State`` (or any pytree of arrays)."""
+    from flax import nnx
 
-
-def _path_str(path: Sequence[Any]) -> list[str]:
+    if isinstance(state, nnx.State):
+        flat = nnx.to_flat_state(state)
+        return [(tuple(str(p) for p in path), v.get_value() if hasattr(v, "get_value") else v)
+                for path, v in flat]
     out = []
-    for p in path:
-        p = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
-        out.append(str(p))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        names = tuple(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
+        out.append((names, leaf))
     return out
 
 
-def named_gradient_norms(grads: Any) -> dict[str, np.ndarray]:
-    """Frobenius norm of every gradient leaf, keyed by its ``/``-joined path.
+def layer_gradient_norms(
+    grads: Any,
+    names: Sequence[str] = ("query", "value"),
+    layers_key: str = "layers",
+    param: str = "kernel",
+) -> dict[str, np.ndarray]:
+    """Per-layer Frobenius norms of the gradients of chosen weight matrices.
 
-    Leaves with a leading layer axis (a scanned stack) give one norm per layer (the norm is
-    taken over all other axes); others give a scalar. ``grads`` is any pytree, e.g. an
-    ``nnx.State`` of gradients.
+    Arguments:
+        grads: gradients as an ``nnx.State`` (e.g. from ``nnx.grad``) or any pytree.
+        names: module names to report (``"query"``, ``"key"``, ``"value"``, ``"output"``,
+            ``"mlp_in"``, ``"mlp_out"`` in the family's :class:`~shaped_attn.blocks.Block`).
+        layers_key: the path component under which the stacked layers live (the family's
+            :class:`~shaped_attn.models.Stack` stores them as ``layers`` with a leading
+            layer axis).
+        param: the parameter of that module (``"kernel"``).
+
+    Returns:
+        ``{name: ndarray [depth]}``; the norm of layer ``l`` is taken over all axes but the
+        leading layer axis. Several stacks in one model (rare) are concatenated in path order.
     """
-    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-    out = {}
-    for path, leaf in flat:
-        out["/".join(_path_str(path))] = np.asarray(jnp.sqrt(jnp.sum(jnp.square(leaf))))
-    return out
+    out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for path, leaf in _flat_params(grads):
+        if layers_key not in path or path[-1] != param:
+            continue
+        below = path[path.index(layers_key) + 1 :]
+        for n in names:
+            if len(below) >= 2 and below[-2] == n:
+                leaf = jnp.asarray(leaf)
+                norms = jnp.sqrt(jnp.sum(jnp.square(leaf.reshape(leaf.shape[0], -1)), axis=-1))
+                out[n].append(np.asarray(norms))
+    missing = [n for n, v in out.items() if not v]
+    if missing:
+        raise ValueError(f"no stacked '{param}' gradients found under '{layers_key}' for {missing}")
+    return {n: np.concatenate(v) for n, v in out.items()}
+
+
+def init_gradient_norms(
+    model: Any,
+    loss_fn: Callable[[Any], Array],
+    names: Sequence[str] = ("query", "value"),
+) -> dict[str, np.ndarray]:
+    """Per-layer gradient norms of ``loss_fn(model)`` for the query and value weights.
+
+    The gradient is taken with respect to every ``nnx.Param`` of ``model`` at its current
+    (e.g. initial) parameters; see :func:`layer_gradient_norms` for the output. This is the
+    measurement behind Noci et al. (arXiv 2306.17759, Fig. 2), which compares the shaped,
+    Pre-LN and Post-LN Transformers across depth; ``scripts/gradient_vanishing.py`` runs it.
+    """
+    from flax import nnx
+
+    grads = nnx.grad(loss_fn)(model)
+    return layer_gradient_norms(grads, names)

@@ -278,19 +278,20 @@ def forward(
     raise ValueError(f"forward needs a LeViT or ImageClassifier, got {type(model).__name__}")
 
 
-DIAGNOSTIC_EXAMPLES = 16
-"""Examples of each batch used for the token statistics in the training step (the
-eigendecompositions of the effective rank are the only non-trivial cost)."""
+DIAGNOSTIC_EXAMPLES = 8
+"""Examples of each batch on which the training step computes its diagnostics (they are
+statistics of the forward pass's own attention and hidden states; a subset keeps their
+cost, mainly the eigendecompositions of the effective rank, small)."""
 
 
 def layer_diagnostics(stack_out: StackOutput, n_examples: int = DIAGNOSTIC_EXAMPLES) -> dict[str, Array]:
-    """Per-layer scalars from a :class:`StackOutput` with hidden states and attention:
-    attention Frobenius norm (raw and over ``sqrt(m)``), attention entropy (each
-    ``[depth]``), token correlation and effective rank of the hidden states (``[depth+1]``,
-    input first) on the first ``n_examples`` examples."""
+    """Per-layer scalars from a :class:`StackOutput` with hidden states and attention, on
+    the first ``n_examples`` examples: attention Frobenius norm (raw and over ``sqrt(m)``),
+    attention entropy (each ``[depth]``), token correlation and effective rank of the
+    hidden states (``[depth+1]``, input first)."""
     out: dict[str, Array] = {}
     if stack_out.attention is not None:
-        out.update(diagnostics.attention_summary(stack_out.attention))
+        out.update(diagnostics.attention_summary(stack_out.attention[:, :n_examples]))
     if stack_out.hidden is not None:
         out.update(diagnostics.token_summary(stack_out.hidden[:, :n_examples]))
     return out

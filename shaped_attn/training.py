@@ -115,23 +115,29 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
+def _chain(config: TrainConfig, decay: optax.GradientTransformation) -> optax.GradientTransformation:
+    parts = []
+    if config.grad_clip_norm is not None:
+        parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+    parts.append(optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps))
+    if config.weight_decay:
+        parts.append(decay)
+    parts.append(optax.scale_by_learning_rate(make_schedule(config)))
+    return optax.chain(*parts)
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW on the warmup-cosine schedule."""
-    adamw = optax.adamw(
-        make_schedule(config),
-        b1=config.b1,
-        b2=config.b2,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-        mask=_decay_mask,
-    )
-    if config.grad_clip_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+    """Global-norm clipping, then AdamW on the warmup-cosine schedule, for a pytree of
+    parameters: ``chain(clip_by_global_norm, scale_by_adam, add_decayed_weights(mask),
+    scale_by_learning_rate)``, which is ``optax.adamw`` after clipping. Weight decay applies
+    to parameters with at least two dimensions (matrices, kernels), not to biases or scales.
+    """
+    return _chain(config, optax.add_decayed_weights(config.weight_decay, _decay_mask))
 
 
 @functools.lru_cache(maxsize=128)
 def _compiled_step(graphdef, loss_fn: LossFn, opt_config: TrainConfig, ensemble: bool):
+    """The jitted step and optimiser-state init, cached per (graph, loss, optimiser)."""
     tx = make_optimizer(opt_config)
     schedule = make_schedule(opt_config)
 

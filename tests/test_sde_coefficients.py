@@ -227,6 +227,15 @@ def test_homogeneity_and_temperature_scaling():
     assert float(jnp.max(jnp.abs(sde.diffusion_matrix(V, pbig) - sde.diffusion_matrix(V, pinf)))) < 1e-9
 
 
+def test_arccos_matches_numpy():
+    x = np.concatenate([np.linspace(-1, 1, 100_001), [0.5, -0.5, np.nextafter(0.5, 1), np.nextafter(1, 0)]])
+    np.testing.assert_allclose(np.asarray(sde.arccos(jnp.asarray(x))), np.arccos(x), rtol=0, atol=1e-15)
+    x32 = x.astype(np.float32)
+    out32 = sde.arccos(jnp.asarray(x32))
+    assert out32.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out32), np.arccos(x32.astype(np.float64)), rtol=0, atol=1e-6)
+
+
 def test_relu_nu_values():
     for cp, cm in [(0.0, -1.0), (0.5, 0.2), (-0.3, 0.9)]:
         assert float(sde.relu_nu(jnp.array(1.0), cp, cm)) == pytest.approx(0.0, abs=1e-15)

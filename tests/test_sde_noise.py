@@ -28,11 +28,11 @@ def random_psd(rng, m):
     return A @ A.T / m + 0.1 * np.eye(m)
 
 
-def structured_covariance(V, params, factor="eigh", jitter=0.0):
+def structured_covariance(V, params, factor="eigh"):
     """Exact covariance of the upper triangle of the structured noise: N is linear in (Z1, Z2),
     so its Jacobian J has columns N(e_k) for the basis inputs e_k, and Cov = J J^T."""
     m = V.shape[-1]
-    L = sde.psd_factor(V, factor, jitter)
+    L = sde.psd_factor(V, factor)
     basis = jnp.eye(2 * m * m, dtype=V.dtype).reshape(-1, 2, m, m)
     Vb = jnp.broadcast_to(V, (2 * m * m, m, m))
     Lb = jnp.broadcast_to(L, (2 * m * m, m, m))
@@ -67,6 +67,8 @@ PARAMS = [
 @pytest.mark.parametrize("m", [1, 2, 3, 5])
 @pytest.mark.parametrize("factor", ["eigh", "cholesky"])
 def test_structured_covariance_exact(m, factor):
+    """Cov(upper(N)) = diffusion_matrix to 1e-10 (relative to its scale), all blocks, heads,
+    tau0 = inf, m = 1..5; also for the generic route."""
     rng = np.random.default_rng(m)
     for params in PARAMS:
         V = jnp.asarray(random_psd(rng, m))
@@ -109,32 +111,38 @@ def test_attention_factor_squares_to_G():
 
 @pytest.mark.parametrize("name", list(BOUNDARY))
 def test_boundary_psd(name):
-    """Singular V (rank-1, rho = 1): eigh factor is exact; cholesky needs its jitter fallback."""
+    """Singular V (rank-1, rho = 1, rank 2 of 4): plain Cholesky fails; the eigh factor and the
+    Cholesky route (with its eigh fallback) are exact, and the PSD check passes."""
     V = jnp.asarray(BOUNDARY[name])
     p = sde.SDEParams(0.9, 0.8)
     S = sde.diffusion_matrix(V, p)
     tol = 1e-10 * float(jnp.max(jnp.abs(S)))
-    np.testing.assert_allclose(structured_covariance(V, p, "eigh"), S, atol=tol)
-    np.testing.assert_allclose(generic_covariance(V, p), S, atol=tol)
     assert not np.all(np.isfinite(np.asarray(jnp.linalg.cholesky(V))))  # plain Cholesky fails
-    jitter = 1e-9
-    L = sde.cholesky_factor(V, jitter)
-    assert np.all(np.isfinite(np.asarray(L)))
-    eye = jnp.eye(V.shape[0])
-    np.testing.assert_allclose(L @ L.T, V + jitter * eye, atol=1e-12)
-    # noise of the jittered factor is the noise of V + jitter I
-    np.testing.assert_allclose(
-        structured_covariance(V, p, "cholesky", jitter),
-        sde.diffusion_matrix(V + jitter * eye, p),
-        atol=tol,
-    )
-    # draws are finite and vanish in the null directions of V (u^T N u = 0 when V u = 0)
-    N = sde.sample_noise(jax.random.key(0), jnp.broadcast_to(V, (64,) + V.shape), p)
-    assert np.all(np.isfinite(np.asarray(N)))
+    for factor in ["eigh", "cholesky"]:
+        np.testing.assert_allclose(structured_covariance(V, p, factor), S, atol=tol)
+        L, ok = sde.factor_and_check(V, 1e-12, factor)
+        assert bool(ok) and np.all(np.isfinite(np.asarray(L)))
+        np.testing.assert_allclose(L @ L.T, V, atol=1e-12)
+    np.testing.assert_allclose(generic_covariance(V, p), S, atol=tol)
+    # a batch mixing boundary and interior matrices: Cholesky where it works, eigh elsewhere
+    Vi = jnp.asarray(random_psd(np.random.default_rng(1), V.shape[0]))
+    Lb, okb = sde.factor_and_check(jnp.stack([Vi, V]), 1e-12, "cholesky")
+    np.testing.assert_array_equal(np.asarray(Lb[0]), np.asarray(jnp.linalg.cholesky(Vi)))
+    np.testing.assert_allclose(Lb[1] @ Lb[1].T, V, atol=1e-12)
+    assert np.all(np.asarray(okb))
+    # slightly indefinite V: the check fails below -tol, passes above
     w, Q = np.linalg.eigh(np.asarray(V))
-    u = Q[:, 0]
-    assert abs(w[0]) < 1e-12
-    assert float(jnp.max(jnp.abs(jnp.einsum("i,pij,j->p", u, N, u)))) < 1e-10
+    Vneg = jnp.asarray(V - 1e-6 * np.outer(Q[:, 0], Q[:, 0]))
+    assert not bool(sde.factor_and_check(Vneg, 1e-7, "cholesky")[1])
+    assert bool(sde.factor_and_check(Vneg, 1e-5, "cholesky")[1])
+    assert not bool(sde.factor_and_check(Vneg, 1e-7, "eigh")[1])
+    # draws are finite and vanish in the null directions of V (u^T N u = 0 when V u = 0)
+    for factor in ["eigh", "cholesky"]:
+        N = sde.sample_noise(jax.random.key(0), jnp.broadcast_to(V, (64,) + V.shape), p, factor=factor)
+        assert np.all(np.isfinite(np.asarray(N)))
+        u = Q[:, 0]
+        assert abs(w[0]) < 1e-12
+        assert float(jnp.max(jnp.abs(jnp.einsum("i,pij,j->p", u, N, u)))) < 1e-10
 
 
 def _mc_check(draws_vec, S, n_se=5.0):

@@ -1,0 +1,399 @@
+"""Attention Frobenius norms: softmax's bounds and scaled polynomial attention.
+
+Saratchandran et al. (arXiv 2410.18613) argue that softmax works because it keeps the
+attention matrix's Frobenius norm O(sqrt(N)): for every N x N matrix A,
+``||softmax(A)||_F <= sqrt(N)`` and ``||d softmax(A)/dA||_F <= 2 sqrt(N)``; and that
+``phi(s) = s^p / sqrt(N)`` does the same in expectation at initialisation (Gaussian scores).
+
+Part 1 (bounds): the two ratios ``||softmax(A)||_F / sqrt(N)`` and
+``||d softmax(A)/dA||_F / (2 sqrt(N))`` over random A (Gaussian at several scales, Student t,
+rank one) and adversarial A (gradient ascent on each ratio from many starts), N in a sweep.
+
+Part 2 (expectation at init): ``||s^p / N^a||_F / sqrt(N)`` for Gaussian scores, against
+the closed form ``sqrt((2p-1)!!) N^(1/2 - a)`` (a = 1/2 is the paper's scale).
+
+Part 3 (training): a small ViT on the digits with N = 4, 16, 64 tokens (patch 4, 2, 1),
+softmax against polynomial3 at three scales (``s^3 / N^a``, a = 0, 1/2, 1) and polynomial2;
+the Frobenius norm of every layer's attention recorded inside the training step.
+
+    python scripts/frobenius_norm.py --quick --out runs/frobenius
+
+Writes OUT/results.json, OUT/bounds.png, OUT/frobenius_training.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from shaped_attn import activations, data, diagnostics, levit, training  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class FrobeniusConfig:
+    # part 1
+    bound_ns: tuple[int, ...] = (2, 4, 16, 64, 256)
+    bound_scales: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
+    bound_samples: int = 64
+    adversarial_starts: int = 32
+    adversarial_steps: int = 300
+    # part 2
+    init_ns: tuple[int, ...] = (4, 16, 64, 256, 1024)
+    init_samples: int = 64
+    # part 3
+    tokens: tuple[int, ...] = (4, 16, 64)
+    train_activations: tuple[str, ...] = ("softmax", "poly3_a0.5", "poly3_a0", "poly3_a1", "poly2_a0.5")
+    depth: int = 4
+    width: int = 32
+    heads: int = 4
+    steps: int = 400
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_steps: int = 40
+    log_every: int = 10
+    seeds: int = 2
+    seed: int = 0
+
+
+QUICK = dict(bound_ns=(2, 4, 16, 64), bound_samples=32, adversarial_starts=16, adversarial_steps=150,
+             init_ns=(4, 16, 64, 256), init_samples=32, depth=2, steps=200, seeds=1)
+
+
+# ------------------------------------------------------------------------ activations
+
+
+@functools.lru_cache(maxsize=None)
+def scaled_polynomial(p: int, a: float):
+    """``s^p / N^a`` with N the valid keys of the row (masked entries 0). ``a = 1/2`` is
+    the registered ``polynomial{p}``; the other scales are for this study only."""
+    base = activations.polynomial(p)
+
+    def activation(scores, mask=None):
+        w = base(scores, mask)  # s^p / sqrt(N)
+        if a == 0.5:
+            return w
+        n = jnp.maximum(activations.valid_count(activations.valid_keys(w, mask)), 1).astype(w.dtype)
+        return w * n ** (0.5 - a)
+
+    activation.__name__ = f"poly{p}_a{a:g}"
+    return activation
+
+
+def resolve(name: str):
+    """``poly{p}_a{a}`` -> :func:`scaled_polynomial`; anything else from the registry."""
+    if name.startswith("poly") and "_a" in name:
+        p, a = name[4:].split("_a")
+        return scaled_polynomial(int(p), float(a))
+    return activations.get(name)
+
+
+# ------------------------------------------------------------------------ part 1
+
+
+def _double_factorial(k: int) -> int:
+    return math.prod(range(k, 0, -2)) if k > 0 else 1
+
+
+def _random_kinds(cfg: FrobeniusConfig):
+    kinds = [f"normal_{s:g}" for s in cfg.bound_scales] + ["cauchy_10", "rank_one_10"]
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def sample(key, n):
+        k1, k2, k3 = jax.random.split(key, 3)
+        shape = (cfg.bound_samples, n, n)
+        z = jax.random.normal(k1, shape)
+        out = [s * z for s in cfg.bound_scales]
+        out.append(10 * jax.random.cauchy(k2, shape))
+        u = jax.random.normal(k3, (2, cfg.bound_samples, n))
+        out.append(10 * u[0][:, :, None] * u[1][:, None, :])
+        a = jnp.stack(out)  # [kinds, samples, n, n]
+        return (diagnostics.softmax_frobenius_bound_ratio(a),
+                diagnostics.softmax_gradient_bound_ratio(a))
+
+    return kinds, sample
+
+
+def random_bounds(cfg: FrobeniusConfig, key):
+    """Both ratios for random A: Gaussian at each scale, Cauchy (scale 10), rank one."""
+    kinds, sample = _random_kinds(cfg)
+    rows = []
+    for n in cfg.bound_ns:
+        f, g = sample(jax.random.fold_in(key, n), n)
+        for i, kind in enumerate(kinds):
+            rows.append({"n": n, "kind": kind,
+                         "value_ratio_max": float(f[i].max()), "value_ratio_mean": float(f[i].mean()),
+                         "grad_ratio_max": float(g[i].max()), "grad_ratio_mean": float(g[i].mean())})
+    return rows
+
+
+def adversarial_bounds(cfg: FrobeniusConfig, key):
+    """Gradient ascent (Adam, lr 0.05) on each ratio from ``adversarial_starts`` random
+    starts at scales 0.1 to 10; reports the largest ratio found. Both ratios are pushed up
+    in one program (two independent sets of matrices)."""
+    import optax
+
+    fns = (diagnostics.softmax_frobenius_bound_ratio, diagnostics.softmax_gradient_bound_ratio)
+    tx = optax.adam(0.05)
+
+    def objective(a2):
+        return -(jnp.sum(fns[0](a2[0])) + jnp.sum(fns[1](a2[1])))
+
+    @jax.jit
+    def run(a2):
+        def body(carry, _):
+            a, s = carry
+            u, s = tx.update(jax.grad(objective)(a), s, a)
+            return (optax.apply_updates(a, u), s), None
+
+        (a, _), _ = jax.lax.scan(body, (a2, tx.init(a2)), None, length=cfg.adversarial_steps)
+        return fns[0](a2[0]), fns[1](a2[1]), fns[0](a[0]), fns[1](a[1])
+
+    rows = []
+    for n in cfg.bound_ns:
+        scales = jnp.logspace(-1, 1, cfg.adversarial_starts)[None, :, None, None]
+        a2 = scales * jax.random.normal(jax.random.fold_in(key, 7 * n), (2, cfg.adversarial_starts, n, n))
+        v0, g0, v1, g1 = run(a2)
+        rows.append({"n": n, "value_ratio_max": float(v1.max()), "value_ratio_start_max": float(v0.max()),
+                     "grad_ratio_max": float(g1.max()), "grad_ratio_start_max": float(g0.max())})
+    return rows
+
+
+def init_expectation(cfg: FrobeniusConfig, key):
+    """``||phi(A)||_F / sqrt(N)`` for A ~ N(0,1)^{N x N}, against the closed form."""
+    rows = []
+    names = ("softmax", "poly3_a0.5", "poly3_a0", "poly3_a1", "poly2_a0.5")
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def ratios(key, n):
+        a = jax.random.normal(key, (cfg.init_samples, n, n))
+        return [diagnostics.frobenius_norm(resolve(name)(a)) / math.sqrt(n) for name in names]
+
+    for n in cfg.init_ns:
+        for name, r in zip(names, ratios(jax.random.fold_in(key, n), n)):
+            if name == "softmax":
+                theory = None
+            else:
+                p, aa = int(name[4]), float(name.split("_a")[1])
+                # E||A||_F^2 = N^2 E[s^(2p)] / N^(2a)  ->  ratio = sqrt((2p-1)!!) N^(1/2 - a)
+                theory = math.sqrt(_double_factorial(2 * p - 1)) * n ** (0.5 - aa)
+            rows.append({"n": n, "activation": name, "ratio_mean": float(r.mean()),
+                         "ratio_sd": float(r.std()), "theory": theory})
+    return rows
+
+
+# ------------------------------------------------------------------------ part 3
+
+
+def _train_job(cfg: FrobeniusConfig, act_name: str, tokens: int, seed: int):
+    ds = data.load("digits")
+    patch = {4: 4, 16: 2, 64: 1}[tokens]
+    model_cfg = levit.vit_config(resolve(act_name), depth=cfg.depth, width=cfg.width, num_heads=cfg.heads,
+                                 num_classes=ds.num_classes, image_size=ds.image_size,
+                                 channels=ds.channels, patch_size=patch)
+    model = levit.build(model_cfg, seed)
+    tcfg = training.TrainConfig(steps=cfg.steps, learning_rate=cfg.learning_rate,
+                                warmup_steps=cfg.warmup_steps, log_every=cfg.log_every, seed=seed)
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = training.train(model, levit.classifier_loss, data.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=seed),
+                         tcfg, eval_fn=levit.classifier_eval,
+                         eval_batches=data.eval_batches(ds.x_test, ds.y_test, 512))
+    # the first step's attention norms: init, on a training batch, before any update
+    first = next(data.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=seed))
+    init_model = levit.build(model_cfg, seed)
+    _, out = levit.forward(init_model, jnp.asarray(first["x"]), return_attention=True)
+    init_frob = np.asarray(diagnostics.attention_summary(out.attention)["attn_frobenius"]).tolist()
+    h = res.history
+    return {
+        "activation": act_name, "tokens": tokens, "seed": seed, "depth": cfg.depth,
+        "test_accuracy": res.final_eval.get("accuracy"), "final_train_loss": res.final_train.get("loss"),
+        "diverged": res.diverged, "wall_time_s": time.perf_counter() - t0, "cpu_time_s": time.process_time() - c0,
+        "attn_frobenius_init": init_frob,
+        "step": [r["step"] for r in h],
+        "attn_frobenius": [r.get("train/attn_frobenius") for r in h],
+        "train_loss": [r.get("train/loss") for r in h],
+    }
+
+
+def _bounds_job(cfg: FrobeniusConfig):
+    key = jax.random.PRNGKey(cfg.seed)
+    return random_bounds(cfg, key), adversarial_bounds(cfg, key), init_expectation(cfg, key)
+
+
+def _call(fn, *args):
+    return fn(*args)
+
+
+# ------------------------------------------------------------------------ figures
+
+
+def figures(rand, adv, init_rows, runs, cfg, out: Path):
+    plt = _common.pyplot()
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ns = sorted({r["n"] for r in rand})
+    for kind in sorted({r["kind"] for r in rand}):
+        sel = sorted((r for r in rand if r["kind"] == kind), key=lambda r: r["n"])
+        axes[0].plot([r["n"] for r in sel], [r["value_ratio_max"] for r in sel], "o-", ms=3, label=kind)
+        axes[1].plot([r["n"] for r in sel], [r["grad_ratio_max"] for r in sel], "o-", ms=3, label=kind)
+    axes[0].plot([r["n"] for r in adv], [r["value_ratio_max"] for r in adv], "k*--", label="adversarial")
+    axes[1].plot([r["n"] for r in adv], [r["grad_ratio_max"] for r in adv], "k*--", label="adversarial")
+    for ax, t in zip(axes[:2], ("||softmax(A)||_F / sqrt(N)", "||d softmax/dA||_F / (2 sqrt(N))")):
+        ax.axhline(1, color="r", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("N")
+        ax.set_ylabel(t + " (max over samples)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    for name in sorted({r["activation"] for r in init_rows}):
+        sel = [r for r in init_rows if r["activation"] == name]
+        l, = axes[2].plot([r["n"] for r in sel], [r["ratio_mean"] for r in sel], "o-", ms=3, label=name)
+        if sel[0]["theory"] is not None:
+            axes[2].plot([r["n"] for r in sel], [r["theory"] for r in sel], ":", color=l.get_color())
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("N")
+    axes[2].set_ylabel("||phi(A)||_F / sqrt(N), A ~ N(0,1) (dotted: theory)")
+    axes[2].grid(alpha=0.3)
+    axes[2].legend(fontsize=7)
+    fig.suptitle("Part 1-2: softmax's Frobenius bounds (red line = bound) and polynomial scale at init")
+    paths.append(_common.save_figure(fig, out / "bounds.png"))
+
+    acts = list(cfg.train_activations)
+    fig, axes = plt.subplots(len(cfg.tokens), len(acts), figsize=(3.2 * len(acts), 2.6 * len(cfg.tokens)),
+                             squeeze=False, sharex=True)
+    for i, n in enumerate(cfg.tokens):
+        for j, act in enumerate(acts):
+            ax = axes[i][j]
+            for r in (r for r in runs if r["tokens"] == n and r["activation"] == act):
+                f = np.asarray([[np.nan if v is None else v for v in layer] for layer in r["attn_frobenius"]],
+                               float) / math.sqrt(n)
+                for layer in range(f.shape[1]):
+                    ax.plot(r["step"], f[:, layer], color=plt.cm.viridis(layer / max(f.shape[1] - 1, 1)),
+                            lw=1, alpha=0.8 if r["seed"] == 0 else 0.4)
+            ax.axhline(1, color="r", lw=0.8, ls=":")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(act, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"N={n}: ||A||_F/sqrt(N)")
+            if i == len(cfg.tokens) - 1:
+                ax.set_xlabel("step")
+    fig.suptitle("Part 3: attention Frobenius norm per layer during training (colour: layer, dark = first)")
+    paths.append(_common.save_figure(fig, out / "frobenius_training.png"))
+    return paths
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/frobenius_norm")
+    p.add_argument("--quick", action="store_true", help=f"small preset: {QUICK}")
+    p.add_argument("--workers", type=int, default=_common.default_workers())
+    for f in dataclasses.fields(FrobeniusConfig):
+        if isinstance(f.default, tuple):
+            p.add_argument("--" + f.name.replace("_", "-"), nargs="+", type=type(f.default[0]), default=None)
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
+    args = p.parse_args(argv)
+    values = dict(QUICK) if args.quick else {}
+    for f in dataclasses.fields(FrobeniusConfig):
+        v = getattr(args, f.name)
+        if v is not None:
+            values[f.name] = tuple(v) if isinstance(v, list) else v
+    cfg = FrobeniusConfig(**values)
+    for name in cfg.train_activations:
+        resolve(name)
+    bad = [t for t in cfg.tokens if t not in (4, 16, 64)]
+    if bad:
+        raise SystemExit(f"--tokens must be among 4, 16, 64 (patches of the 8x8 digits), got {bad}")
+    return args, cfg
+
+
+def main(argv=None) -> int:
+    args, cfg = parse_args(argv)
+    out = _common.out_dir(args.out)
+    t0 = time.perf_counter()
+    # Longest jobs first; the bounds (parts 1-2) run as one more job beside the training.
+    jobs = [(_train_job, cfg, a, n, s) for n in sorted(cfg.tokens, reverse=True)
+            for a in cfg.train_activations for s in range(cfg.seeds)]
+    jobs.insert(1, (_bounds_job, cfg))
+    bar = tqdm(total=len(jobs), desc="frobenius_norm", dynamic_ncols=True)
+
+    def on_result(job, r):
+        bar.update(1)
+        if job[0] is _bounds_job:
+            tqdm.write("bounds and expectations done")
+            return
+        last = np.asarray(r["attn_frobenius"][-1], float) / math.sqrt(r["tokens"])
+        tqdm.write(f"N={r['tokens']:3d} {r['activation']:11s} seed {r['seed']}: test acc "
+                   f"{r['test_accuracy']:.3f}, final ||A||_F/sqrt(N) per layer {np.round(last, 2).tolist()}")
+
+    results = _common.parallel_map(_call, jobs, args.workers, on_result)
+    bar.close()
+    rand, adv, init_rows = results[1]
+    runs = [r for i, r in enumerate(results) if i != 1]
+    fig_paths = figures(rand, adv, init_rows, runs, cfg, out)
+
+    # Summary: worst ratios, and per (activation, N) the largest per-layer norm over training.
+    summary = {
+        "softmax_value_ratio_max_random": max(r["value_ratio_max"] for r in rand),
+        "softmax_grad_ratio_max_random": max(r["grad_ratio_max"] for r in rand),
+        "softmax_value_ratio_max_adversarial": max(r["value_ratio_max"] for r in adv),
+        "softmax_grad_ratio_max_adversarial": max(r["grad_ratio_max"] for r in adv),
+        "training": [],
+    }
+    for n in cfg.tokens:
+        for act in cfg.train_activations:
+            sel = [r for r in runs if r["tokens"] == n and r["activation"] == act]
+            fro = [np.asarray([[np.nan if v is None else v for v in l] for l in r["attn_frobenius"]], float)
+                   / math.sqrt(n) for r in sel]
+            summary["training"].append({
+                "activation": act, "tokens": n,
+                "ratio_init_mean": float(np.mean([np.mean(r["attn_frobenius_init"]) / math.sqrt(n) for r in sel])),
+                "ratio_final_mean": float(np.nanmean([f[-1].mean() for f in fro])),
+                "ratio_max_over_training": float(np.nanmax([np.nanmax(f) for f in fro])),
+                "test_accuracy": _common.mean_sd(r["test_accuracy"] for r in sel)[:2],
+                "diverged": sum(r["diverged"] for r in sel),
+            })
+    rows = [[t["activation"], t["tokens"], f"{t['ratio_init_mean']:.3g}", f"{t['ratio_final_mean']:.3g}",
+             f"{t['ratio_max_over_training']:.3g}", f"{t['test_accuracy'][0]:.3f} ± {t['test_accuracy'][1]:.3f}"]
+            for t in summary["training"]]
+    table = _common.format_table(
+        ["activation", "N", "||A||_F/sqrt(N) init", "final", "max in training", "test acc"], rows)
+    wall = time.perf_counter() - t0
+    _common.write_json(out / "results.json", {
+        "script": "frobenius_norm", "quick": args.quick, "workers": args.workers,
+        "config": dataclasses.asdict(cfg), "environment": _common.environment(),
+        "bounds_random": rand, "bounds_adversarial": adv, "init_expectation": init_rows,
+        "runs": runs, "summary": summary, "table": table, "wall_time_s": wall,
+        "figures": [p.name for p in fig_paths],
+    })
+    print("softmax bounds (ratio <= 1 required): value max random "
+          f"{summary['softmax_value_ratio_max_random']:.4f}, adversarial {summary['softmax_value_ratio_max_adversarial']:.4f}; "
+          f"gradient max random {summary['softmax_grad_ratio_max_random']:.4f}, "
+          f"adversarial {summary['softmax_grad_ratio_max_adversarial']:.4f}")
+    print("||phi(A)||_F/sqrt(N) at Gaussian A (mean, theory):")
+    for r in init_rows:
+        th = "" if r["theory"] is None else f" (theory {r['theory']:.3g})"
+        print(f"  N={r['n']:5d} {r['activation']:11s} {r['ratio_mean']:.3g}{th}")
+    print(table)
+    print(f"total wall time {wall:.1f} s; results in {out}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,278 @@
+"""How each attention activation's gradient behaves as score statistics leave the normal.
+
+Part 1 (Wang, Liu, Liu, arXiv 2108.07153): softmax's Jacobian ``diag(p) - p p^T`` vanishes
+when a row's scores are spread out, heavy-tailed or dominated by a few large values; the
+periodic maps are claimed to keep a non-vanishing gradient. For every registered activation
+we sample rows of N scores from
+
+* a normal with std in a sweep (0.25 ... 32),
+* a Student t (scale 1) with df in {1 (Cauchy), 1.5, 2, 3, 5, 10, 30},
+* a standard normal with 1 or 3 keys per row set to +magnitude (2 ... 50),
+
+and record the Frobenius norm of the Jacobian of each row (median and 10/90% quantiles),
+its spectral norm, and the *saturation fraction*: rows whose Jacobian Frobenius norm is below
+5% of softmax's at equal scores (``0.05 sqrt(N-1)/N``).
+
+Part 2 (Noci et al., arXiv 2306.17759, Fig. 2): per-layer gradient norms at initialisation of
+the query and value weights for shaped, Pre-LN and Post-LN stacks across depth, on Gaussian
+tokens with a cross-entropy loss on a fixed random readout (mean and sd over init seeds).
+
+    python scripts/gradient_vanishing.py --quick --out runs/gradvanish
+
+Writes OUT/results.json, OUT/jacobian_norms.png, OUT/saturation.png, OUT/init_gradients.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from shaped_attn import activations, diagnostics, training  # noqa: E402
+from shaped_attn.config import post_ln_config, pre_ln_config, shaped_config  # noqa: E402
+from shaped_attn.models import Stack  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class VanishConfig:
+    n_keys: tuple[int, ...] = (16, 64)
+    n_rows: int = 1024
+    stds: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+    dfs: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+    outlier_counts: tuple[int, ...] = (1, 3)
+    magnitudes: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 50.0)
+    seed: int = 0
+    # Part 2: gradient norms at initialisation
+    grad_depth: int = 24
+    grad_width: int = 64
+    grad_tokens: int = 16
+    grad_batch: int = 8
+    grad_seeds: int = 5
+    shaped_gamma: float = 1 / math.sqrt(8)
+    shaped_tau0: float = 1.0
+
+
+QUICK = dict(n_keys=(16,), n_rows=256, grad_depth=12, grad_width=32, grad_seeds=3)
+
+
+def settings(cfg: VanishConfig):
+    """The score distributions, grouped by sweep."""
+    return {
+        "normal_std": [{"kind": "normal", "std": s} for s in cfg.stds],
+        "student_t_df": [{"kind": "student_t", "df": d} for d in cfg.dfs],
+        **{
+            f"outliers_{k}": [{"kind": "outliers", "n_outliers": k, "magnitude": m} for m in cfg.magnitudes]
+            for k in cfg.outlier_counts
+        },
+    }
+
+
+def jacobian_part(cfg: VanishConfig, names, bar):
+    key = jax.random.PRNGKey(cfg.seed)
+    out = {}
+    for n in cfg.n_keys:
+        out[n] = {}
+        for name in names:
+            fn = activations.get(name)
+            out[n][name] = {
+                sweep: diagnostics.jacobian_sweep(fn, key, sets, n_rows=cfg.n_rows, n_keys=n)
+                for sweep, sets in settings(cfg).items()
+            }
+            bar.update(1)
+    return out
+
+
+# ------------------------------------------------------------------- part 2: Fig. 2
+
+
+def _block(kind: str, cfg: VanishConfig):
+    if kind == "shaped":
+        return shaped_config(cfg.grad_width, cfg.shaped_gamma, tau0=cfg.shaped_tau0,
+                             param_dtype="float32")
+    if kind == "pre_ln":
+        return pre_ln_config(cfg.grad_width, num_heads=1)
+    if kind == "post_ln":
+        return post_ln_config(cfg.grad_width, num_heads=1)
+    raise ValueError(kind)
+
+
+def init_gradients(cfg: VanishConfig, bar):
+    res = {}
+    for kind in ("shaped", "pre_ln", "post_ln"):
+        norms = {"query": [], "value": []}
+        for seed in range(cfg.grad_seeds):
+            k_model, k_x, k_head, k_y = jax.random.split(jax.random.PRNGKey(1000 + seed), 4)
+            stack = Stack(_block(kind, cfg), cfg.grad_depth, rngs=nnx.Rngs(params=k_model))
+            x = jax.random.normal(k_x, (cfg.grad_batch, cfg.grad_tokens, cfg.grad_width))
+            head = jax.random.normal(k_head, (cfg.grad_width, 10)) / math.sqrt(cfg.grad_width)
+            y = jax.random.randint(k_y, (cfg.grad_batch,), 0, 10)
+
+            def loss(model):
+                h = model(x).mean(axis=-2)
+                return training.cross_entropy(h @ head, y)
+
+            g = diagnostics.init_gradient_norms(stack, loss, ("query", "value"))
+            for k in norms:
+                norms[k].append(g[k])
+        res[kind] = {
+            k: {"mean": np.mean(v, 0).tolist(), "sd": np.std(v, 0, ddof=1).tolist() if len(v) > 1 else [0.0] * len(v[0])}
+            for k, v in norms.items()
+        }
+        bar.update(1)
+    return res
+
+
+# ------------------------------------------------------------------------ findings
+
+
+def findings(jac, cfg: VanishConfig):
+    """Short, computed statements per activation (largest N)."""
+    n = max(cfg.n_keys)
+    lines, rows = [], []
+    for name, sweeps in jac[n].items():
+        std = {r["std"]: r for r in sweeps["normal_std"]}
+        df = {r["df"]: r for r in sweeps["student_t_df"]}
+        k1 = min(cfg.outlier_counts)
+        out1 = {r["magnitude"]: r for r in sweeps[f"outliers_{k1}"]}
+        base = std.get(1.0, sweeps["normal_std"][0])["frobenius_median"]
+        hi_std = std[max(std)]
+        row = {
+            "activation": name,
+            "median_frob_std1": base,
+            f"median_frob_std{max(std):g}": hi_std["frobenius_median"],
+            f"saturation_std{max(std):g}": hi_std["saturation"],
+            f"median_frob_t_df{min(df):g}": df[min(df)]["frobenius_median"],
+            f"saturation_t_df{min(df):g}": df[min(df)]["saturation"],
+            f"median_frob_outlier{max(out1):g}": out1[max(out1)]["frobenius_median"],
+            f"saturation_outlier{max(out1):g}": out1[max(out1)]["saturation"],
+            "max_abs_weight_any": max(r["max_abs_weight"] for s in sweeps.values() for r in s),
+        }
+        rows.append(row)
+    return rows
+
+
+def figures(jac, grads, cfg: VanishConfig, out: Path):
+    plt = _common.pyplot()
+    n = max(cfg.n_keys)
+    names = list(jac[n])
+    colors = plt.cm.tab20(np.linspace(0, 1, max(len(names), 2)))
+    styles = {nm: ("--" if nm.startswith("norm_") else "-") for nm in names}
+    sweeps = list(settings(cfg))
+    xkeys = {"normal_std": "std", "student_t_df": "df"}
+    paths = []
+    for metric, fname, ylabel in (
+        ("frobenius_median", "jacobian_norms.png", "median ||dw/ds||_F per row"),
+        ("saturation", "saturation.png", "saturation fraction"),
+    ):
+        fig, axes = plt.subplots(1, len(sweeps), figsize=(4.2 * len(sweeps), 4.2), sharey=True)
+        for ax, sweep in zip(axes, sweeps):
+            xk = xkeys.get(sweep, "magnitude")
+            for nm, c in zip(names, colors):
+                recs = jac[n][nm][sweep]
+                x = [r[xk] for r in recs]
+                y = [r[metric] for r in recs]
+                ax.plot(x, y, styles[nm], color=c, label=nm, marker="o", ms=3, lw=1.2)
+                if metric == "frobenius_median":
+                    ax.fill_between(x, [r["frobenius_q10"] for r in recs], [r["frobenius_q90"] for r in recs],
+                                    color=c, alpha=0.06)
+            ax.set_xscale("log")
+            ax.set_xlabel({"std": "normal std", "df": "Student t df (scale 1)"}.get(xk, f"outlier magnitude ({sweep.split('_')[1]} per row)"))
+            if metric == "frobenius_median":
+                ax.set_yscale("log")
+                ax.axhline(diagnostics.default_saturation_threshold(n), color="k", lw=0.8, ls=":")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel(ylabel)
+        axes[-1].legend(fontsize=6, ncol=2)
+        fig.suptitle(f"Activation Jacobian vs score distribution, N = {n} keys (dotted: saturation threshold)")
+        paths.append(_common.save_figure(fig, out / fname))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, which in zip(axes, ("query", "value")):
+        for kind, c in zip(grads, ("C0", "C1", "C2")):
+            m = np.asarray(grads[kind][which]["mean"])
+            s = np.asarray(grads[kind][which]["sd"])
+            layers = np.arange(1, len(m) + 1)
+            ax.plot(layers, m, "o-", color=c, label=kind, ms=3)
+            ax.fill_between(layers, np.maximum(m - s, m * 1e-3), m + s, color=c, alpha=0.2)
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(f"||dL/dW_{which[0].upper()}||_F at init")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Gradient norms at initialisation, depth {cfg.grad_depth}, width {cfg.grad_width}")
+    paths.append(_common.save_figure(fig, out / "init_gradients.png"))
+    return paths
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/gradient_vanishing")
+    p.add_argument("--quick", action="store_true", help=f"small preset: {QUICK}")
+    p.add_argument("--activations", nargs="+", default=None,
+                   help="activations to sweep (default: every registered one)")
+    for f in dataclasses.fields(VanishConfig):
+        if isinstance(f.default, tuple):
+            p.add_argument("--" + f.name.replace("_", "-"), nargs="+", type=type(f.default[0]), default=None)
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
+    args = p.parse_args(argv)
+    values = dict(QUICK) if args.quick else {}
+    for f in dataclasses.fields(VanishConfig):
+        v = getattr(args, f.name)
+        if v is not None:
+            values[f.name] = tuple(v) if isinstance(v, list) else v
+    return args, VanishConfig(**values)
+
+
+def main(argv=None) -> int:
+    args, cfg = parse_args(argv)
+    out = _common.out_dir(args.out)
+    names = args.activations or list(activations.names())
+    for nm in names:
+        activations.get(nm)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(cfg.n_keys) * len(names) + 3, desc="gradient_vanishing", dynamic_ncols=True)
+    jac = jacobian_part(cfg, names, bar)
+    grads = init_gradients(cfg, bar)
+    bar.close()
+    rows = findings(jac, cfg)
+    fig_paths = figures(jac, grads, cfg, out)
+    cols = list(rows[0])
+    table = _common.format_table(
+        cols, [[r[c] if isinstance(r[c], str) else f"{r[c]:.3g}" for c in cols] for r in rows]
+    )
+    wall = time.perf_counter() - t0
+    _common.write_json(out / "results.json", {
+        "script": "gradient_vanishing", "quick": args.quick,
+        "config": dataclasses.asdict(cfg), "environment": _common.environment(),
+        "saturation_threshold": {n: diagnostics.default_saturation_threshold(n) for n in cfg.n_keys},
+        "jacobian": {str(n): v for n, v in jac.items()},
+        "findings": rows, "table": table,
+        "init_gradients": grads, "wall_time_s": wall,
+        "figures": [p.name for p in fig_paths],
+    })
+    print(table)
+    print("\nGradient norms at init (mean over seeds), first / middle / last layer:")
+    for kind, g in grads.items():
+        for w in ("query", "value"):
+            m = g[w]["mean"]
+            print(f"  {kind:8s} {w:5s}: {m[0]:.3g} / {m[len(m) // 2]:.3g} / {m[-1]:.3g}")
+    print(f"total wall time {wall:.1f} s; results in {out}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
