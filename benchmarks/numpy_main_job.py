@@ -21,6 +21,9 @@ vectorised over samples, with no JAX:
 * **SDE**: the vectorised Euler-Maruyama of :mod:`numpy_baselines` (``numpy_euler_sde``: the
   ``D x D`` diffusion matrix and its square root by ``numpy.linalg.eigh`` at every step), or its
   structured O(m^3) variant with ``--sde-noise structured``.
+* **dtype**: float32 by default, the dtype of the JAX job (``--dtype float64`` is available;
+  NumPy's float32 ``standard_normal`` and matmuls are the faster choice, so the default is the
+  conservative baseline for the speed ratio).
 * **Agreement**: two-sample KS statistic (``scipy.stats.ks_2samp``) and Wasserstein-1 of
   ``rho_12`` at the last layer / at ``T = depth / width``, over samples that did not stop.
 
