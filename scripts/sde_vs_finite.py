@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 import zlib
@@ -287,7 +288,7 @@ class Experiment:
 
 def rho12(V: np.ndarray) -> np.ndarray:
     """Correlation of tokens 1 and 2, ``V_12 / sqrt(V_11 V_22)``, over leading axes."""
-    return np.asarray(correlation(jnp.asarray(V)))[..., 0, 1]
+    return correlation(np.asarray(V))[..., 0, 1]
 
 
 def eigen_exit_time(V: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -487,6 +488,10 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
     """Execute (or resume) ``cfg`` and write every output; returns the metrics."""
     if cfg.dtype == "float64":
         jax.config.update("jax_enable_x64", True)  # float32 runs compute in V0's dtype either way
+    # Reruns and resumed runs reuse compiled kernels (override with JAX_COMPILATION_CACHE_DIR).
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "shaped_attn" / "jax"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     config = dataclasses.asdict(cfg)
     for transient in ("out", "overwrite"):
         config.pop(transient)

@@ -7,7 +7,12 @@ SDE" (arXiv 2206.02768). See spec/sde.md for the formulas.
 - :mod:`sde.coefficients`: drift and diffusion matrix as pure functions of ``V``.
 - :mod:`sde.noise`: structured O(m^3) noise and the generic square-root route.
 - :mod:`sde.solve`: diffrax Euler integration, vmapped over paths, with stopping.
+- :mod:`sde.finite`: Monte Carlo of finite networks (Gram sampler and real weights).
+- :mod:`sde.compare`: agreement statistics (KS, Wasserstein-1, quantiles with errors).
 """
+
+from . import compare, finite
+from .finite import FiniteResult, FiniteSampler, simulate_finite
 
 from .coefficients import (
     acal,
@@ -36,10 +41,13 @@ from .noise import (
     eigh_factor,
     factor_and_check,
     generic_noise,
+    noise_dim,
+    noise_from_normals,
     psd_factor,
     sample_noise,
     sample_noise_generic,
     structured_noise,
+    structured_noise_sym,
 )
 from .params import BLOCKS, SOFTMAX, AttentionConstants, SDEParams
 from .solve import (
@@ -57,6 +65,11 @@ from .solve import (
 )
 
 __all__ = [
+    "compare",
+    "finite",
+    "FiniteResult",
+    "FiniteSampler",
+    "simulate_finite",
     "AttentionConstants",
     "BLOCKS",
     "CorrelationSolution",
@@ -83,6 +96,8 @@ __all__ = [
     "eigh_factor",
     "factor_and_check",
     "generic_noise",
+    "noise_dim",
+    "noise_from_normals",
     "num_upper",
     "psd_factor",
     "relu_nu",
@@ -94,6 +109,7 @@ __all__ = [
     "solve_drift",
     "stop_test",
     "structured_noise",
+    "structured_noise_sym",
     "sym_index",
     "sym_to_vec",
     "symmetrize",

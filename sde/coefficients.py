@@ -153,8 +153,12 @@ def acal(V: Array) -> Array:
 def attention_bracket(V: Array, constants: AttentionConstants = SOFTMAX) -> Array:
     """The bracket of ``b_att`` (without ``gamma^2 / tau0^2``), shape ``(..., m, m)``.
 
-    ``V tr(V F) / m^2 + (diag(V) (V g)^T + (V g) diag(V)^T) / (2m)`` with ``F = P V P`` and
-    ``g = diag(F) - tr(F) / m``. O(m^2) per matrix.
+    Softmax: ``V tr(V F) / m^2 + (diag(V) (V g)^T + (V g) diag(V)^T) / (2m)`` with
+    ``F = P V P`` and ``g = diag(F) - tr(F) / m``. O(m^2) per matrix. A general row-normalised
+    activation (docs/general_activation_sde.md) weights the two terms by
+    ``constants.trace_weight = a1^2`` and ``constants.outer_weight = a2`` and adds
+    ``constants.shift_weight * (diag(V) (V u)^T + (V u) diag(V)^T) / m``, ``u = P V 1 / m``,
+    ``shift_weight = a2 - a1^2`` (0 for softmax, whose shift invariance cancels it).
     """
     m = V.shape[-1]
     F = centre(V)
@@ -164,9 +168,17 @@ def attention_bracket(V: Array, constants: AttentionConstants = SOFTMAX) -> Arra
     Vg = jnp.sum(V * g[..., None, :], axis=-1)
     dV = jnp.diagonal(V, axis1=-2, axis2=-1)
     outer = dV[..., :, None] * Vg[..., None, :]
-    return constants.trace_weight * V * (tr_VF / m**2)[..., None, None] + constants.outer_weight * (
+    out = constants.trace_weight * V * (tr_VF / m**2)[..., None, None] + constants.outer_weight * (
         outer + jnp.swapaxes(outer, -1, -2)
     ) / (2 * m)
+    if constants.shift_weight != 0.0:
+        # u = P V 1 / m: centred row means of V; the shift term of a non-shift-invariant f.
+        row = jnp.mean(V, axis=-1)  # V 1 / m
+        u = row - jnp.mean(row, axis=-1, keepdims=True)
+        Vu = jnp.sum(V * u[..., None, :], axis=-1)
+        shift = dV[..., :, None] * Vu[..., None, :]
+        out = out + constants.shift_weight * (shift + jnp.swapaxes(shift, -1, -2)) / m
+    return out
 
 
 def drift_attention(V: Array, params: SDEParams) -> Array:
@@ -192,13 +204,15 @@ def _asin_taylor_coefficients(n_terms: int) -> tuple[float, ...]:
 
 
 _ASIN_C = _asin_taylor_coefficients(26)  # |x| <= 1/2: truncation error < 2e-17
+_ASIN_TERMS_F32 = 12  # truncation error < 2e-9, far below float32 rounding
 
 
 def _asin_small(z: Array) -> Array:
     """``asin(z)`` for ``|z| <= 1/2`` by the Taylor series (Horner in ``z^2``)."""
+    coeffs = _ASIN_C if jnp.finfo(z.dtype).bits > 32 else _ASIN_C[:_ASIN_TERMS_F32]
     t = z * z
-    acc = jnp.full_like(z, _ASIN_C[-1])
-    for c in reversed(_ASIN_C[:-1]):
+    acc = jnp.full_like(z, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
         acc = acc * t + c
     return z * acc
 
@@ -231,14 +245,19 @@ def relu_nu(rho: Array, c_plus: float, c_minus: float) -> Array:
 
 
 def correlation(V: Array) -> Array:
-    """``rho_ab = V_ab / sqrt(V_aa V_bb)`` (1 on the diagonal; 0 where a variance is 0)."""
-    d = jnp.diagonal(V, axis1=-2, axis2=-1)
+    """``rho_ab = V_ab / sqrt(V_aa V_bb)`` (1 on the diagonal; 0 where a variance is 0).
+
+    Array-API generic: NumPy in, NumPy out (no XLA compilation for analysis code); jax in,
+    jax out (jit/vmap-able).
+    """
+    xp = V.__array_namespace__() if hasattr(V, "__array_namespace__") else jnp
+    d = xp.linalg.diagonal(V)
     s2 = d[..., :, None] * d[..., None, :]
     pos = s2 > 0
-    rho = V / jnp.sqrt(jnp.where(pos, s2, 1.0))
-    rho = jnp.where(pos, rho, 0.0)
-    eye = jnp.eye(V.shape[-1], dtype=bool)
-    return jnp.where(eye, jnp.ones_like(rho), rho)
+    rho = V / xp.sqrt(xp.where(pos, s2, 1.0))
+    rho = xp.where(pos, rho, 0.0)
+    eye = xp.eye(V.shape[-1], dtype=bool)
+    return xp.where(eye, xp.ones_like(rho), rho)
 
 
 def drift_relu(V: Array, params: SDEParams) -> Array:
@@ -271,8 +290,8 @@ def drift(V: Array, params: SDEParams) -> Array:
 def diffusion_matrix(V: Array, params: SDEParams) -> Array:
     """Diffusion matrix ``Sigma(V) = k_lin Sigma_lin + acal_coeff Acal``, ``(..., D, D)``.
 
-    ``k_lin`` and ``acal_coeff`` come from :class:`SDEParams` (``Acal`` divided by the number
-    of heads, an unverified heuristic for ``heads > 1``).
+    ``k_lin`` and ``acal_coeff`` come from :class:`SDEParams` (``acal_coeff`` carries the
+    activation's ``a1^2`` and the ``1/H`` of ``heads``; ``k_lin`` the head layout).
     """
     out = params.k_lin * sigma_lin(V)
     if params.acal_coeff != 0.0:
