@@ -12,9 +12,10 @@ rank one) and adversarial A (gradient ascent on each ratio from many starts), N 
 Part 2 (expectation at init): ``||s^p / N^a||_F / sqrt(N)`` for Gaussian scores, against
 the closed form ``sqrt((2p-1)!!) N^(1/2 - a)`` (a = 1/2 is the paper's scale).
 
-Part 3 (training): a small ViT on the digits with N = 4, 16, 64 tokens (patch 4, 2, 1),
-softmax against polynomial3 at three scales (``s^3 / N^a``, a = 0, 1/2, 1) and polynomial2;
-the Frobenius norm of every layer's attention recorded inside the training step.
+Part 3 (training): the LeViT-like model on the digits resized to 16x16, with N = 4, 16, 64
+tokens (conv stems of 3, 2, 1 stride-2 convolutions), softmax against polynomial3 at three
+scales (``s^3 / N^a``, a = 0, 1/2, 1) and polynomial2; the Frobenius norm of every layer's
+attention recorded inside the training step (mean over batch and heads).
 
     python scripts/frobenius_norm.py --quick --out runs/frobenius
 
@@ -196,25 +197,31 @@ def init_expectation(cfg: FrobeniusConfig, key):
 
 # ------------------------------------------------------------------------ part 3
 
+IMAGE_SIZE = 16
+"""The digits are resized to 16x16 so that conv stems give 2x2, 4x4 or 8x8 token grids."""
+
+
+def _attention_norms(model, batch):
+    _, out = levit.forward(model, batch["x"], return_attention=True)
+    return {"attn_frobenius": diagnostics.attention_summary(out.attention)["attn_frobenius"]}
+
 
 def _train_job(cfg: FrobeniusConfig, act_name: str, tokens: int, seed: int):
-    ds = data.load("digits")
-    patch = {4: 4, 16: 2, 64: 1}[tokens]
-    model_cfg = levit.vit_config(resolve(act_name), depth=cfg.depth, width=cfg.width, num_heads=cfg.heads,
-                                 num_classes=ds.num_classes, image_size=ds.image_size,
-                                 channels=ds.channels, patch_size=patch)
+    ds = data.load_digits(image_size=IMAGE_SIZE)
+    grid = int(round(math.sqrt(tokens)))
+    model_cfg = levit.levit_config(resolve(act_name), depth=cfg.depth, width=cfg.width, num_heads=cfg.heads,
+                                   num_classes=ds.num_classes, image_size=ds.image_size,
+                                   channels=ds.channels, grid=grid)
     model = levit.build(model_cfg, seed)
     tcfg = training.TrainConfig(steps=cfg.steps, learning_rate=cfg.learning_rate,
                                 warmup_steps=cfg.warmup_steps, log_every=cfg.log_every, seed=seed)
     t0, c0 = time.perf_counter(), time.process_time()
+    # At initialisation, on the first training batch, before any update.
+    first = next(data.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=seed))
+    init_frob = training.evaluate(model, _attention_norms, [first])["attn_frobenius"]
     res = training.train(model, levit.classifier_loss, data.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=seed),
                          tcfg, eval_fn=levit.classifier_eval,
                          eval_batches=data.eval_batches(ds.x_test, ds.y_test, 512))
-    # the first step's attention norms: init, on a training batch, before any update
-    first = next(data.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=seed))
-    init_model = levit.build(model_cfg, seed)
-    _, out = levit.forward(init_model, jnp.asarray(first["x"]), return_attention=True)
-    init_frob = np.asarray(diagnostics.attention_summary(out.attention)["attn_frobenius"]).tolist()
     h = res.history
     return {
         "activation": act_name, "tokens": tokens, "seed": seed, "depth": cfg.depth,
@@ -269,6 +276,7 @@ def figures(rand, adv, init_rows, runs, cfg, out: Path):
     axes[2].grid(alpha=0.3)
     axes[2].legend(fontsize=7)
     fig.suptitle("Part 1-2: softmax's Frobenius bounds (red line = bound) and polynomial scale at init")
+    fig.tight_layout()
     paths.append(_common.save_figure(fig, out / "bounds.png"))
 
     acts = list(cfg.train_activations)
@@ -292,7 +300,9 @@ def figures(rand, adv, init_rows, runs, cfg, out: Path):
                 ax.set_ylabel(f"N={n}: ||A||_F/sqrt(N)")
             if i == len(cfg.tokens) - 1:
                 ax.set_xlabel("step")
-    fig.suptitle("Part 3: attention Frobenius norm per layer during training (colour: layer, dark = first)")
+    fig.suptitle("Part 3: attention Frobenius norm per layer during training (colour: layer, dark = first; "
+                 "dotted: softmax's bound)")
+    fig.tight_layout()
     paths.append(_common.save_figure(fig, out / "frobenius_training.png"))
     return paths
 
@@ -319,7 +329,7 @@ def parse_args(argv=None):
         resolve(name)
     bad = [t for t in cfg.tokens if t not in (4, 16, 64)]
     if bad:
-        raise SystemExit(f"--tokens must be among 4, 16, 64 (patches of the 8x8 digits), got {bad}")
+        raise SystemExit(f"--tokens must be among 4, 16, 64 (token grids of the 16x16 digits), got {bad}")
     return args, cfg
 
 
@@ -370,7 +380,8 @@ def main(argv=None) -> int:
                 "diverged": sum(r["diverged"] for r in sel),
             })
     rows = [[t["activation"], t["tokens"], f"{t['ratio_init_mean']:.3g}", f"{t['ratio_final_mean']:.3g}",
-             f"{t['ratio_max_over_training']:.3g}", f"{t['test_accuracy'][0]:.3f} ± {t['test_accuracy'][1]:.3f}"]
+             f"{t['ratio_max_over_training']:.3g}",
+             f"{t['test_accuracy'][0]:.3f}" + (f" ± {t['test_accuracy'][1]:.3f}" if cfg.seeds > 1 else " (1 seed)")]
             for t in summary["training"]]
     table = _common.format_table(
         ["activation", "N", "||A||_F/sqrt(N) init", "final", "max in training", "test acc"], rows)

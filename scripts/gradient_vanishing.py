@@ -11,7 +11,10 @@ we sample rows of N scores from
 
 and record the Frobenius norm of the Jacobian of each row (median and 10/90% quantiles),
 its spectral norm, and the *saturation fraction*: rows whose Jacobian Frobenius norm is below
-5% of softmax's at equal scores (``0.05 sqrt(N-1)/N``).
+5% of softmax's at equal scores (``0.05 sqrt(N-1)/N``). The Jacobian is taken with respect to
+the raw scores; the ``norm_`` variants standardise each row first, which makes them invariant
+to the score scale and their raw-score Jacobian decay like 1/std (the findings table also
+gives ``median x std``, constant when that is the only effect).
 
 Part 2 (Noci et al., arXiv 2306.17759, Fig. 2): per-layer gradient norms at initialisation of
 the query and value weights for shaped, Pre-LN and Post-LN stacks across depth, on Gaussian
@@ -35,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -127,7 +129,10 @@ def init_gradients(cfg: VanishConfig, bar):
             for k in norms:
                 norms[k].append(g[k])
         res[kind] = {
-            k: {"mean": np.mean(v, 0).tolist(), "sd": np.std(v, 0, ddof=1).tolist() if len(v) > 1 else [0.0] * len(v[0])}
+            k: {"mean": np.mean(v, 0).tolist(),
+                "sd": np.std(v, 0, ddof=1).tolist() if len(v) > 1 else [0.0] * len(v[0]),
+                "min": np.min(v, 0).tolist(), "max": np.max(v, 0).tolist(),
+                "per_seed": np.asarray(v).tolist()}
             for k, v in norms.items()
         }
         bar.update(1)
@@ -152,6 +157,8 @@ def findings(jac, cfg: VanishConfig):
             "activation": name,
             "median_frob_std1": base,
             f"median_frob_std{max(std):g}": hi_std["frobenius_median"],
+            # x std: constant when the decay is only the 1/std of the row standardisation
+            f"median_frob_x_std_std{max(std):g}": hi_std["frobenius_median"] * max(std),
             f"saturation_std{max(std):g}": hi_std["saturation"],
             f"median_frob_t_df{min(df):g}": df[min(df)]["frobenius_median"],
             f"saturation_t_df{min(df):g}": df[min(df)]["saturation"],
@@ -188,6 +195,10 @@ def figures(jac, grads, cfg: VanishConfig, out: Path):
                     ax.fill_between(x, [r["frobenius_q10"] for r in recs], [r["frobenius_q90"] for r in recs],
                                     color=c, alpha=0.06)
             ax.set_xscale("log")
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel({"std": "normal std", "df": "Student t df (scale 1)"}.get(xk, f"outlier magnitude ({sweep.split('_')[1]} per row)"))
             if metric == "frobenius_median":
                 ax.set_yscale("log")
@@ -202,16 +213,17 @@ def figures(jac, grads, cfg: VanishConfig, out: Path):
     for ax, which in zip(axes, ("query", "value")):
         for kind, c in zip(grads, ("C0", "C1", "C2")):
             m = np.asarray(grads[kind][which]["mean"])
-            s = np.asarray(grads[kind][which]["sd"])
             layers = np.arange(1, len(m) + 1)
             ax.plot(layers, m, "o-", color=c, label=kind, ms=3)
-            ax.fill_between(layers, np.maximum(m - s, m * 1e-3), m + s, color=c, alpha=0.2)
+            ax.fill_between(layers, grads[kind][which]["min"], grads[kind][which]["max"], color=c, alpha=0.2)
         ax.set_yscale("log")
         ax.set_xlabel("layer")
         ax.set_ylabel(f"||dL/dW_{which[0].upper()}||_F at init")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Gradient norms at initialisation, depth {cfg.grad_depth}, width {cfg.grad_width}")
+    fig.suptitle(f"Gradient norms at initialisation, depth {cfg.grad_depth}, width {cfg.grad_width} "
+                 f"(mean over {cfg.grad_seeds} seeds, band min-max)")
+    fig.tight_layout()
     paths.append(_common.save_figure(fig, out / "init_gradients.png"))
     return paths
 

@@ -76,10 +76,16 @@ def _stratified_split(y: np.ndarray, test_fraction: float, seed: int):
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def load_digits(test_fraction: float = 0.25, split_seed: int = 0) -> ImageDataset:
-    """scikit-learn's 8x8 digits, split deterministically (stratified, ``split_seed``)."""
+def load_digits(test_fraction: float = 0.25, split_seed: int = 0, image_size: int = 8) -> ImageDataset:
+    """scikit-learn's 8x8 digits, split deterministically (stratified, ``split_seed``).
+
+    ``image_size`` > 8 resizes the images bilinearly (``scipy.ndimage.zoom``, order 1), e.g.
+    to 16 or 32 so that a conv stem can produce 4, 16 or 64 tokens.
+    """
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction={test_fraction!r} must lie in (0, 1)")
+    if not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"image_size={image_size!r} must be an integer >= 8")
     try:
         from sklearn.datasets import load_digits as _load
     except ImportError as err:  # pragma: no cover - sklearn is in the test/notebook extras
@@ -87,7 +93,12 @@ def load_digits(test_fraction: float = 0.25, split_seed: int = 0) -> ImageDatase
             "the embedded 'digits' dataset needs scikit-learn: pip install scikit-learn"
         ) from err
     bunch = _load()
-    x = (bunch.images.astype(np.float64) / 16.0)[..., None]
+    x = bunch.images.astype(np.float64) / 16.0
+    if image_size != 8:
+        from scipy.ndimage import zoom
+
+        x = zoom(x, (1, image_size / 8, image_size / 8), order=1, mode="nearest", grid_mode=True)
+    x = x[..., None]
     y = bunch.target.astype(np.int32)
     tr, te = _stratified_split(y, test_fraction, split_seed)
     x_train, x_test = _standardise(x[tr], x[te])

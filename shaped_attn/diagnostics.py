@@ -19,6 +19,7 @@ Shapes in names: ``R`` rows, ``N`` keys, ``B`` batch, ``H`` heads, ``L`` tokens,
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -33,12 +34,14 @@ Array = jax.Array
 # ------------------------------------------------------------------ score distributions
 
 
+@functools.partial(jax.jit, static_argnames=("n_rows", "n_keys", "dtype"))
 def normal_scores(key: Array, n_rows: int, n_keys: int, std: float = 1.0, dtype=None) -> Array:
     """Scores ``[n_rows, n_keys]`` i.i.d. ``N(0, std^2)``."""
     dtype = dtype or jnp.result_type(float)
     return std * jax.random.normal(key, (n_rows, n_keys), dtype=dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("n_rows", "n_keys", "dtype"))
 def student_t_scores(
     key: Array, n_rows: int, n_keys: int, df: float, scale: float = 1.0, dtype=None
 ) -> Array:
@@ -51,6 +54,7 @@ def student_t_scores(
     return scale * jax.random.t(key, df, (n_rows, n_keys), dtype=dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("n_rows", "n_keys", "n_outliers", "dtype"))
 def outlier_scores(
     key: Array,
     n_rows: int,
@@ -89,43 +93,55 @@ def sample_scores(key: Array, n_rows: int, n_keys: int, kind: str = "normal", **
 def activation_jacobian(
     activation: activations.Activation | str, scores: Array, mask: Optional[Array] = None
 ) -> Array:
-    """Jacobian of one row's weights with respect to that row's scores, for every row.
+    """Jacobian of each row's weights with respect to that row's scores.
 
     Arguments:
-        activation: registered name or callable ``fn(scores, mask=None)``.
-        scores: ``[..., N]``; every leading index is one row (one query).
+        activation: registered name or callable ``fn(scores, mask=None)``, assumed row-wise
+            (the weights of row q depend on the scores of row q only), as every registered
+            activation is.
+        scores: ``[..., Lq, Lk]`` score matrices (``Lq == Lk`` for ``shaped_softmax``).
         mask: optional boolean, broadcastable to ``scores``.
 
     Returns:
-        ``[..., N, N]`` with ``J[..., i, j] = d w_i / d s_j`` (forward-mode, per row). The
-        activation sees each row as a ``[1, N]`` score matrix, so a row-wise activation such
-        as ``shaped_softmax`` (``I + softmax - C``, whose ``I`` refers to the query index 0)
-        has the Jacobian of its score-dependent part.
+        ``[..., Lq, Lk, Lk]`` with ``J[..., q, i, j] = d w[q, i] / d s[q, j]``. Computed with
+        ``Lk`` forward-mode products, one per key column: perturbing column j of every row
+        at once gives column j of every row's Jacobian, because rows do not interact.
     """
-    fn = activations.resolve(activation)
-    scores = jnp.asarray(scores)
-    lead, n = scores.shape[:-1], scores.shape[-1]
-    s_RN = scores.reshape(-1, n)
-    if mask is None:
-        jac = jax.vmap(jax.jacfwd(lambda s: fn(s[None, :])[0]))(s_RN)
-    else:
-        m_RN = jnp.broadcast_to(jnp.asarray(mask, bool), scores.shape).reshape(-1, n)
-        jac = jax.vmap(jax.jacfwd(lambda s, m: fn(s[None, :], m[None, :])[0]))(s_RN, m_RN)
-    return jac.reshape(*lead, n, n)
+    s = jnp.asarray(scores)
+    if not jnp.issubdtype(s.dtype, jnp.floating):
+        s = s.astype(jnp.result_type(float))
+    if s.ndim < 2:
+        raise ValueError(f"scores must be [..., Lq, Lk], got shape {s.shape}")
+    return _jacobian(activations.resolve(activation), s, mask)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _jacobian(fn, s, mask):
+    n = s.shape[-1]
+
+    def column(j):
+        tangent = jnp.broadcast_to(jnp.arange(n) == j, s.shape).astype(s.dtype)
+        return jax.jvp(lambda x: fn(x, mask), (s,), (tangent,))[1]
+
+    return jnp.moveaxis(jax.vmap(column)(jnp.arange(n)), 0, -1)
+
+
+@jax.jit
 def softmax_jacobian(probs: Array) -> Array:
     """Closed form ``diag(p) - p p^T`` of softmax's Jacobian, ``[..., N] -> [..., N, N]``."""
     p = jnp.asarray(probs)
-    eye = jnp.eye(p.shape[-1], dtype=p.dtype)
+    n = p.shape[-1]
+    eye = jnp.eye(n, dtype=p.dtype).reshape((1,) * (p.ndim - 1) + (n, n))
     return eye * p[..., None, :] - p[..., :, None] * p[..., None, :]
 
 
+@jax.jit
 def frobenius_norm(mat: Array) -> Array:
     """Frobenius norm over the last two axes."""
     return jnp.sqrt(jnp.sum(jnp.square(mat), axis=(-2, -1)))
 
 
+@jax.jit
 def spectral_norm(mat: Array) -> Array:
     """Largest singular value over the last two axes."""
     return jnp.linalg.svd(mat, compute_uv=False)[..., 0]
@@ -154,7 +170,7 @@ def jacobian_summary(
     mask: Optional[Array] = None,
     threshold: Optional[float] = None,
 ) -> dict[str, Array]:
-    """Norms of the activation's Jacobian over the rows of ``scores`` ``[R, N]``.
+    """Norms of the activation's Jacobian over the rows of ``scores`` ``[..., Lq, N]``.
 
     Returns a dict of scalars: ``frobenius_mean``, ``frobenius_median``, ``frobenius_q10``,
     ``frobenius_q90``, ``spectral_median``, ``saturation`` (fraction of rows with Frobenius
@@ -162,12 +178,16 @@ def jacobian_summary(
     ``max_abs_weight`` (largest ``|w|``: denominators near 0 show up here), ``nonfinite``
     (fraction of non-finite Jacobian entries; should be 0).
     """
-    fn = activations.resolve(activation)
     scores = jnp.asarray(scores)
     n = scores.shape[-1]
     thr = default_saturation_threshold(n) if threshold is None else float(threshold)
-    jac = activation_jacobian(fn, scores, mask)
-    weights = fn(scores[..., None, :], None if mask is None else jnp.asarray(mask)[..., None, :])
+    return _summary(activations.resolve(activation), scores, mask, thr)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _summary(fn, scores, mask, thr):
+    jac = _jacobian(fn, scores, mask)
+    weights = fn(scores, mask)
     frob = frobenius_norm(jac).reshape(-1)
     spec = spectral_norm(jnp.where(jnp.isfinite(jac), jac, 0)).reshape(-1)
     return {
@@ -194,16 +214,20 @@ def jacobian_sweep(
     """:func:`jacobian_summary` for each score distribution in ``settings``.
 
     Each setting is a mapping with ``kind`` (see :func:`sample_scores`) and its parameters,
-    e.g. ``{"kind": "normal", "std": 4.0}``. The same key is used for every setting, so the
-    sweep compares distributions on common random numbers. Returns host floats.
+    e.g. ``{"kind": "normal", "std": 4.0}``. ``n_rows`` rows of ``n_keys`` scores are drawn
+    (rounded up to a multiple of ``n_keys``) and grouped into square ``n_keys x n_keys``
+    score matrices, so that square-only activations (``shaped_softmax``) work too; rows are
+    independent either way. The same key is used for every setting (common random
+    numbers). Returns host floats.
     """
     fn = activations.resolve(activation)
+    n_rows = -(-n_rows // n_keys) * n_keys
     out = []
     for setting in settings:
         setting = dict(setting)
         kind = setting.pop("kind", "normal")
         scores = sample_scores(key, n_rows, n_keys, kind, **setting)
-        summary = jacobian_summary(fn, scores, threshold=threshold)
+        summary = jacobian_summary(fn, scores.reshape(-1, n_keys, n_keys), threshold=threshold)
         out.append({"kind": kind, **setting, **{k: float(v) for k, v in summary.items()}})
     return out
 
@@ -216,6 +240,7 @@ def attention_frobenius(weights: Array) -> Array:
     return frobenius_norm(weights)
 
 
+@jax.jit
 def attention_entropy(weights: Array, mask: Optional[Array] = None, eps: float = 1e-30) -> Array:
     """Shannon entropy of each attention row ``[..., Lq, Lk] -> [..., Lq]``.
 
@@ -235,12 +260,14 @@ def attention_entropy(weights: Array, mask: Optional[Array] = None, eps: float =
 # ---------------------------------------------------------------------- token statistics
 
 
+@jax.jit
 def gram(x: Array) -> Array:
     """``X X^T / D`` over tokens: ``[..., L, D] -> [..., L, L]``."""
     x = jnp.asarray(x)
     return jnp.einsum("...ld,...md->...lm", x, x) / x.shape[-1]
 
 
+@jax.jit
 def token_correlation(x: Array, eps: float = 1e-12) -> Array:
     """Mean off-diagonal cosine similarity ``<x_i, x_j> / (|x_i| |x_j|)`` of the tokens.
 
@@ -258,6 +285,7 @@ def token_correlation(x: Array, eps: float = 1e-12) -> Array:
     return off / (l * (l - 1))
 
 
+@jax.jit
 def effective_rank(matrix: Array, eps: float = 1e-12) -> Array:
     """Entropy effective rank ``exp(H(lambda / sum lambda))`` of a symmetric PSD matrix.
 
@@ -274,11 +302,13 @@ def effective_rank(matrix: Array, eps: float = 1e-12) -> Array:
     return jnp.exp(h)
 
 
+@jax.jit
 def token_effective_rank(x: Array) -> Array:
     """:func:`effective_rank` of the token Gram matrix ``X X^T / D``: ``[..., L, D] -> [...]``."""
     return effective_rank(gram(x))
 
 
+@jax.jit
 def attention_summary(weights: Sequence[Array] | Array, mask: Optional[Array] = None) -> dict[str, Array]:
     """Per-layer scalars from attention matrices, cheap enough for a jitted training step.
 
@@ -304,6 +334,7 @@ def attention_summary(weights: Sequence[Array] | Array, mask: Optional[Array] = 
     }
 
 
+@jax.jit
 def token_summary(x: Array) -> dict[str, Array]:
     """``token_correlation`` and ``token_effective_rank`` of ``[..., B, L, D]`` token
     representations, averaged over the batch axis (leading axes, e.g. layers, are kept)."""
@@ -317,6 +348,7 @@ def token_summary(x: Array) -> dict[str, Array]:
 # ------------------------------------------------------------------- Frobenius bounds
 
 
+@jax.jit
 def softmax_frobenius_bound_ratio(scores: Array) -> Array:
     """``||softmax(A)||_F / sqrt(N)`` for ``A`` ``[..., N, N]``: at most 1 for any ``A``
     (Saratchandran et al., Thm. 3.1)."""
@@ -324,6 +356,7 @@ def softmax_frobenius_bound_ratio(scores: Array) -> Array:
     return frobenius_norm(activations.softmax(a)) / math.sqrt(a.shape[-1])
 
 
+@jax.jit
 def softmax_jacobian_frobenius(probs: Array) -> Array:
     """``||diag(p) - p p^T||_F`` in closed form, ``[..., N] -> [...]``:
     ``sqrt(sum p^2 - 2 sum p^3 + (sum p^2)^2)`` (O(N) instead of forming the N x N matrix)."""
@@ -335,6 +368,7 @@ def softmax_jacobian_frobenius(probs: Array) -> Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1)), 0)
 
 
+@jax.jit
 def softmax_gradient_bound_ratio(scores: Array) -> Array:
     """``||d softmax(A) / dA||_F / (2 sqrt(N))`` for ``A`` ``[..., N, N]``: at most 1.
 
@@ -409,12 +443,14 @@ def init_gradient_norms(
 ) -> dict[str, np.ndarray]:
     """Per-layer gradient norms of ``loss_fn(model)`` for the query and value weights.
 
-    The gradient is taken with respect to every ``nnx.Param`` of ``model`` at its current
-    (e.g. initial) parameters; see :func:`layer_gradient_norms` for the output. This is the
+    The gradient is taken (jitted) with respect to every ``nnx.Param`` of ``model`` at its
+    current (e.g. initial) parameters; ``loss_fn(model) -> scalar`` must not mutate the
+    model. See :func:`layer_gradient_norms` for the output. This is the
     measurement behind Noci et al. (arXiv 2306.17759, Fig. 2), which compares the shaped,
     Pre-LN and Post-LN Transformers across depth; ``scripts/gradient_vanishing.py`` runs it.
     """
     from flax import nnx
 
-    grads = nnx.grad(loss_fn)(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    grads = jax.jit(jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest))))(params)
     return layer_gradient_norms(grads, names)

@@ -156,7 +156,7 @@ def _compiled_step(graphdef, loss_fn: LossFn, opt_config: TrainConfig, ensemble:
         metrics = {
             **metrics,
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
             "lr": schedule(step_idx),
         }
         return params, new_rest, opt_state, metrics
