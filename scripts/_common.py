@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import io
 import math
 import os
-import platform
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -19,6 +16,8 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+from shaped_attn import rundir  # noqa: E402
+
 
 def out_dir(path: str | os.PathLike) -> Path:
     """Create (if needed) and return the output folder."""
@@ -27,53 +26,29 @@ def out_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-def _jsonable(x: Any) -> Any:
+def _nan_to_null(x: Any) -> Any:
+    """JSON has no NaN: a non-finite float (e.g. the loss of a diverged run) becomes null."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): _nan_to_null(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        x = float(x)
-        return x if math.isfinite(x) else str(x)  # JSON has no NaN/inf: "nan", "inf"
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.bool_,)):
-        return bool(x)
-    if hasattr(x, "tolist"):  # jax arrays
-        return _jsonable(np.asarray(x))
+        return [_nan_to_null(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
+        return _nan_to_null(np.asarray(x).tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
     return x
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as JSON atomically (temporary file in the same folder, then
-    ``os.replace``); NaN and inf become the strings "nan", "inf", "-inf"."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(data), f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Atomic JSON write (:func:`shaped_attn.rundir.atomic_write_json`); NaN/inf become null."""
+    rundir.atomic_write_json(Path(path), _nan_to_null(data))
+    return Path(path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Atomic text write (same scheme as :func:`write_json`)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    """Atomic text write."""
+    rundir.atomic_write_bytes(Path(path), text.encode())
+    return Path(path)
 
 
 def pyplot():
@@ -89,11 +64,9 @@ def pyplot():
 def save_figure(fig, path: str | os.PathLike) -> Path:
     """Save a figure as PNG (atomically) and close it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, bbox_inches="tight", format="png")
+    rundir.atomic_write_bytes(path, buf.getvalue())
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -101,22 +74,8 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
 
 
 def environment() -> dict[str, Any]:
-    """Versions and device, recorded in every results.json."""
-    import jax
-    import flax
-    import optax
-
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "cpu_count": os.cpu_count(),
-        "x64": bool(jax.config.jax_enable_x64),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    """Versions and device, recorded in every results.json (:func:`shaped_attn.rundir.environment`)."""
+    return rundir.environment()
 
 
 def mean_sd(values: Iterable[float]) -> tuple[float, float, int]:
