@@ -1,0 +1,83 @@
+"""Execute every notebook in quick mode and check each .ipynb matches its jupytext .py source.
+
+The py:percent files in ``notebooks/`` are the source of truth; the paired ``.ipynb`` files
+are generated with ``jupytext --to ipynb notebooks/NAME.py``. Each notebook is converted in
+memory and run with nbclient on the ``python3`` kernel of the interpreter running the tests,
+with ``SHAPED_ATTN_QUICK=1`` (tiny sizes, CI budget).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+jupytext = pytest.importorskip("jupytext")
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
+CELL_TIMEOUT_S = 120
+
+
+def _kernel_name() -> str:
+    """``python3`` when it launches this interpreter (jupyter_client substitutes
+    ``sys.executable`` for a bare ``python`` argv), else a kernelspec installed into
+    ``sys.prefix`` (no global registration)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec("python3")
+        argv0 = spec.argv[0]
+        if argv0 in {"python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}"} or \
+                Path(argv0).resolve() == Path(sys.executable).resolve():
+            return "python3"
+    except NoSuchKernel:
+        pass
+    from ipykernel.kernelspec import install
+
+    install(prefix=sys.prefix, kernel_name="shaped-attn-test")
+    return "shaped-attn-test"
+
+
+def _code_cells(nb) -> list[str]:
+    return [c.source.strip() for c in nb.cells if c.cell_type == "code"]
+
+
+def test_notebooks_found():
+    assert NOTEBOOKS == ["01_activation_zoo", "02_sde_vs_finite", "03_training_and_stability"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_ipynb_matches_py(name):
+    py = jupytext.read(NOTEBOOK_DIR / f"{name}.py")
+    ipynb_path = NOTEBOOK_DIR / f"{name}.ipynb"
+    assert ipynb_path.exists(), f"missing {ipynb_path.name}: run jupytext --to ipynb notebooks/{name}.py"
+    ipynb = nbformat.read(ipynb_path, as_version=4)
+    assert _code_cells(ipynb) == _code_cells(py), (
+        f"{name}.ipynb is out of date: regenerate it with jupytext --to ipynb notebooks/{name}.py")
+    colab = f"colab.research.google.com/github/OWNER/shaped-attn/blob/main/notebooks/{name}.ipynb"
+    assert py.cells[0].cell_type == "markdown" and colab in py.cells[0].source
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_quick(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("SHAPED_ATTN_QUICK", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    # The kernel must import the package from this checkout.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    nb = jupytext.read(NOTEBOOK_DIR / f"{name}.py")
+    client = nbclient.NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name=_kernel_name(),
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    t0 = time.perf_counter()
+    client.execute()  # raises CellExecutionError on the first failing cell
+    print(f"{name}: {time.perf_counter() - t0:.1f} s")
