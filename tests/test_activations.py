@@ -110,7 +110,8 @@ def test_unknown_name_lists_known_names():
         act.get("nope")
 
 
-def test_register_and_overwrite():
+def test_register_and_overwrite(monkeypatch):
+    monkeypatch.setattr(act, "_REGISTRY", dict(act._REGISTRY))  # leave no test names behind
     fn = lambda s, mask=None: act.softmax(2 * s, mask)  # noqa: E731
     act.register("_test_double_softmax", fn)
     assert act.get("_test_double_softmax") is fn
