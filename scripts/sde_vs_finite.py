@@ -34,8 +34,10 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
 from sde import compare  # noqa: E402
 from sde.coefficients import correlation  # noqa: E402
 from sde.finite import SAMPLERS, FiniteSampler, stop_samples  # noqa: E402
+from sde.activation_constants import expansion  # noqa: E402
 from sde.params import SDEParams  # noqa: E402
 from sde.solve import solve  # noqa: E402
+from shaped_attn import activations as shaped_activations  # noqa: E402
 from shaped_attn import config as model_config  # noqa: E402
 from shaped_attn.rundir import RunDir  # noqa: E402
 
@@ -60,6 +62,7 @@ class RunConfig:
     c_plus: float = 0.0
     c_minus: float = -1.0
     block: str = "transformer"
+    activation: str = "softmax"
     samples: int = 2048
     sde_paths: int = 4096
     dt: float = 0.01
@@ -123,6 +126,13 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.tau0 > 0, f"tau0={cfg.tau0} must be > 0")
     need(0 < cfg.dt <= cfg.T, f"dt={cfg.dt} must lie in (0, T] with T = depth/width = {cfg.T:.6g}")
     need(cfg.block in BLOCKS, f"block={cfg.block!r} is not one of {BLOCKS}")
+    need(isinstance(cfg.activation, str) and cfg.activation in shaped_activations.names(),
+         f"activation={cfg.activation!r} is not a registered activation: {shaped_activations.names()}")
+    if cfg.block != "mlp":  # the attention SDE needs a small-score expansion (a1, a2)
+        try:
+            expansion(cfg.activation)
+        except ValueError as err:
+            need(False, str(err))
     need(cfg.sampler in SAMPLERS, f"sampler={cfg.sampler!r} is not one of {SAMPLERS}")
     for v in cfg.variants:
         need(v in VARIANTS, f"variants: {v!r} is not one of {VARIANTS}")
@@ -185,7 +195,8 @@ def block_config(cfg: RunConfig, variant: str, gamma: float) -> Callable[[int], 
         return lambda n: model_config.unshaped_config(n, gamma, **common)
     ablation = None if variant == "shaped" else variant
     return lambda n: model_config.shaped_config(
-        n, gamma, c_plus=cfg.c_plus, c_minus=cfg.c_minus, ablation=ablation, **common
+        n, gamma, c_plus=cfg.c_plus, c_minus=cfg.c_minus, ablation=ablation,
+        activation=cfg.activation, **common
     )
 
 
@@ -245,7 +256,8 @@ class Experiment:
         name = f"sde-{self.cfg.block}-g{gamma:.6g}-T{T:.6g}"
         dt, save_every = sde_grid(self.cfg, T)
         params = SDEParams(gamma=gamma, tau0=self.cfg.tau0, c_plus=self.cfg.c_plus,
-                           c_minus=self.cfg.c_minus, block=self.cfg.block)
+                           c_minus=self.cfg.c_minus, block=self.cfg.block,
+                           activation=self.cfg.activation)
 
         def compute(index, start, stop):
             sol = solve(jnp.asarray(self.cfg.V0), params, T=T, dt=dt, num_paths=stop - start,

@@ -9,6 +9,11 @@ SDE" (arXiv 2206.02768). See spec/sde.md for the formulas.
 - :mod:`sde.solve`: diffrax Euler integration, vmapped over paths, with stopping.
 - :mod:`sde.finite`: Monte Carlo of finite networks (Gram sampler and real weights).
 - :mod:`sde.compare`: agreement statistics (KS, Wasserstein-1, quantiles with errors).
+- :mod:`sde.estimator`: one-layer estimates of any block's drift and diffusion, with SEs and a
+  width extrapolation (:func:`estimate_coefficients`).
+- :mod:`sde.activation_constants`: ``a1, a2`` of a row-normalised attention activation
+  (``SDEParams(activation=...)``; docs/general_activation_sde.md).
+- :mod:`sde.smooth_mlp`: shaped MLPs with a smooth activation (``SDEParams(mlp_activation=...)``).
 """
 
 from . import compare, finite
@@ -26,6 +31,7 @@ from .coefficients import (
     diffusion_matrix,
     drift,
     drift_attention,
+    drift_mlp,
     drift_relu,
     num_upper,
     relu_nu,
@@ -49,7 +55,17 @@ from .noise import (
     structured_noise,
     structured_noise_sym,
 )
-from .params import BLOCKS, SOFTMAX, AttentionConstants, SDEParams
+from .params import BLOCKS, HEAD_LAYOUTS, SOFTMAX, AttentionConstants, SDEParams
+from . import activation_constants, estimator, smooth_mlp
+from .activation_constants import ActivationExpansion, expansion, expansion_table
+from .estimator import (
+    AttentionTransition,
+    CoefficientEstimate,
+    GramTransition,
+    estimate_coefficients,
+    extrapolate,
+)
+from .smooth_mlp import SMOOTH_ACTIVATIONS, drift_smooth, mlp_constants, smooth_mlp_layer
 from .solve import (
     CorrelationSolution,
     GridBrownianPath,
@@ -65,6 +81,23 @@ from .solve import (
 )
 
 __all__ = [
+    "ActivationExpansion",
+    "AttentionTransition",
+    "CoefficientEstimate",
+    "GramTransition",
+    "HEAD_LAYOUTS",
+    "SMOOTH_ACTIVATIONS",
+    "activation_constants",
+    "drift_mlp",
+    "drift_smooth",
+    "estimate_coefficients",
+    "estimator",
+    "expansion",
+    "expansion_table",
+    "extrapolate",
+    "mlp_constants",
+    "smooth_mlp",
+    "smooth_mlp_layer",
     "compare",
     "finite",
     "FiniteResult",

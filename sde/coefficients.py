@@ -283,8 +283,20 @@ def drift(V: Array, params: SDEParams) -> Array:
     if params.attention_drift_coeff != 0.0:
         out = out + params.attention_drift_coeff * attention_bracket(V, params.attention_constants)
     if params.relu_drift_coeff != 0.0:
-        out = out + params.relu_drift_coeff * drift_relu(V, params)
+        out = out + params.relu_drift_coeff * drift_mlp(V, params)
     return out
+
+
+def drift_mlp(V: Array, params: SDEParams) -> Array:
+    """The MLP drift without ``gamma^2``: :func:`drift_relu`, or for a smooth
+    ``params.mlp_activation`` :func:`sde.smooth_mlp.drift_smooth` with its second and third
+    derivatives at 0 and ``a = params.mlp_scale`` (Li, Nica, Roy 2022)."""
+    if not params.smooth_mlp:
+        return drift_relu(V, params)
+    from .smooth_mlp import drift_smooth  # noqa: PLC0415
+
+    k = params.mlp_constants
+    return drift_smooth(V, k.p2, k.p3, params.mlp_scale)
 
 
 def diffusion_matrix(V: Array, params: SDEParams) -> Array:
@@ -306,6 +318,11 @@ def _check_mlp(params: SDEParams) -> None:
     if params.block != "mlp":
         raise ValueError(
             f"block={params.block!r}: the autonomous correlation SDE exists for block='mlp' only"
+        )
+    if params.smooth_mlp:
+        raise ValueError(
+            f"mlp_activation={params.mlp_activation!r}: the correlation SDE here is the shaped "
+            "ReLU's (the smooth MLP's drift depends on V_aa, V_bb, not on rho alone)"
         )
 
 

@@ -1,22 +1,24 @@
 """Euler-Maruyama integration of the covariance SDE with diffrax, vmapped over paths.
 
 ``dV = b(V) dt + Sigma(V)^{1/2} dB`` (Ito; spec/sde.md section 2) is integrated with
-``diffrax.Euler`` (which converges to the Ito solution), one ``solver.step`` per grid step
-inside a ``jax.lax.scan`` so that each path can be frozen individually when it stops. The
-terms are ``diffrax.MultiTerm(ODETerm(drift), diffusion)``:
+``diffrax.Euler`` (which converges to the Ito solution): every grid step is one
+``solver.step`` of diffrax, vmapped over the paths of a chunk, inside a ``lax.fori_loop`` (a
+``lax.scan`` over save blocks) so that each path can be frozen individually when it stops.
+The terms are ``diffrax.MultiTerm(ODETerm(drift), diffusion)``:
 
 - ``noise="structured"`` (default): :class:`StructuredDiffusionTerm`, a diffrax term whose
-  Brownian motion has shape ``(2, m, m)`` (``Z1, Z2`` scaled by ``sqrt(dt)``) and whose
-  vector field/control product is the O(m^3) structured noise of :mod:`sde.noise`.
+  Brownian motion has dimension ``noise_dim(m, params)`` (the symmetric ``S`` and ``Z2`` of
+  :mod:`sde.noise`, scaled by ``sqrt(dt)``) and whose vector field/control product is the
+  O(m^3) structured noise.
 - ``noise="generic"``: the stock ``diffrax.ControlTerm`` with a ``D``-dimensional Brownian motion
   and the vector field ``Sigma(V)^{1/2}`` (``eigh`` of the ``D x D`` diffusion matrix) reshaped
   to ``(m, m, D)``; O(m^6) per step. The reference route.
 
-Each path's Brownian motion (:class:`GridBrownianPath`) is built inside the vmapped function
-from the path's own key ``fold_in(key, i)``, ``i`` the path index: results do not depend on
-``num_paths`` or ``chunk_size``. Paths are vmapped in chunks of ``chunk_size``; a Python loop
-over chunks calls one jitted function (padded last chunk), which compiles once per
-configuration.
+Each path's Brownian motion (:class:`GridBrownianPath`) is built inside the vmapped step from
+the path's own key ``fold_in(key, i)``, ``i`` the path index: results do not depend on
+``num_paths`` or ``chunk_size``. A Python loop over chunks calls one jitted function (the last
+chunk is padded), which compiles once per (configuration, number of saves): neither the
+number of steps nor ``dt`` enters the compiled program.
 
 Stopping (spec section 2: convergence holds up to ``inf{t : ||V_t|| >= r}``, and the attention
 drift is cubic, so paths blow up): after every step the new state ``V`` is tested and the path
@@ -24,15 +26,21 @@ is *stopped* if
 
 - any entry is non-finite, or
 - ``max_ab |V_ab| > stop_norm``, or
-- ``lambda_min(V) < -psd_tol * max(1, max_ab |V_ab|)``. This is tested by a Cholesky
-  factorisation of ``V + psd_tol * max(1, max|V|) I`` (it fails exactly when the test fails, up
-  to rounding). Euler-Maruyama does not preserve positive semi-definiteness; paths near the
-  boundary (``rho -> 1``, large ``m dt``) can leave the cone and are stopped.
+- ``lambda_min(V) < -psd_tol * max(1, max_ab |V_ab|)``. Tested with the Cholesky factorisation
+  that the next step needs anyway: success means ``V`` is positive definite; where it fails,
+  the eigenvalues are computed (``eigh``, which then also gives the noise factor, exact on
+  the PSD boundary). Euler-Maruyama does not preserve positive semi-definiteness; paths near
+  the boundary (``rho -> 1``, large ``m dt``) can leave the cone and are stopped.
 
 A stopped path is frozen at its last good state (the state one step before ``stop_time``) for
 all later saves; ``stopped[i]`` is True and ``stop_time[i]`` is the first grid time at which the
 state failed the test. Paths that never stop have ``stop_time = inf``. Nothing is NaN: saved
 values are always the last good state.
+
+Performance notes (CPU, float32): per path-step the cost is the random numbers (threefry;
+``m (m + 1) / 2 + m^2`` normals), four batched ``m x m`` products, one LAPACK Cholesky and
+O(m^2) elementwise work; ``eigh`` (5-10x a Cholesky) runs only for chunks where some path
+sits on the PSD boundary.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import warnings
 from typing import Any, NamedTuple
 
 import diffrax
@@ -54,9 +63,8 @@ from .coefficients import (
     diffusion_matrix,
     drift,
     sym_index,
-    symmetrize,
 )
-from .noise import FACTORS, eigh_factor, factor_and_check, psd_sqrt, structured_noise
+from .noise import FACTORS, eigh_factor, factor_and_check, noise_dim, noise_from_normals, psd_sqrt
 from .params import SDEParams
 
 Array = jax.Array
@@ -159,10 +167,12 @@ class GridBrownianPath(diffrax.AbstractBrownianPath):
 class StructuredDiffusionTerm(diffrax.AbstractTerm):
     """Diffusion term ``N(V; dW)`` of the covariance SDE with the structured O(m^3) noise.
 
-    The control is a Brownian motion of shape ``(2, m, m)`` (``dW = sqrt(dt) (Z1, Z2)``); the
-    vector field at ``V`` is the pair ``(V, L)`` with ``L L^T = V``, and ``prod`` is
-    :func:`sde.noise.structured_noise`, linear in ``dW``: the upper triangle of
-    ``prod(vf(V), dW)`` has covariance ``dt * diffusion_matrix(V, params)``.
+    The control is a Brownian motion of dimension ``noise_dim(m, params)``
+    (``m (m + 1) / 2`` entries for the symmetric Gaussian ``S = (Z1 + Z1^T) / sqrt(2)``, then the
+    ``m^2`` entries of ``Z2`` when the ``Acal`` term is present); the vector field at ``V`` is
+    the pair ``(V, L)`` with ``L L^T = V``, and ``prod`` is :func:`sde.noise.noise_from_normals`,
+    linear in ``dW``: the upper triangle of ``prod(vf(V), dW)`` has covariance
+    ``dt * diffusion_matrix(V, params)``.
 
     ``args`` may carry a precomputed factor ``L`` of ``y`` (:func:`solve` passes the Cholesky
     factor it computed for the stopping test of the same state, so each step factors ``V``
@@ -181,7 +191,7 @@ class StructuredDiffusionTerm(diffrax.AbstractTerm):
 
     def prod(self, vf, control):
         V, L = vf
-        return structured_noise(V, L, control[0], control[1], self.params)
+        return noise_from_normals(V, L, control, self.params)
 
 
 def _generic_vector_field(params: SDEParams):
@@ -194,27 +204,25 @@ def _generic_vector_field(params: SDEParams):
     return vector_field
 
 
-def _drift_term(params: SDEParams) -> diffrax.ODETerm:
-    return diffrax.ODETerm(lambda t, V, args: drift(V, params))
-
-
 # --------------------------------------------------------------------------- stopping
 
 
-def check_state(V: Array, stop_norm, psd_tol, factor: str = "cholesky") -> tuple[Array, Array]:
+def check_state(
+    V: Array, stop_norm, psd_tol, factor: str = "cholesky", active=None
+) -> tuple[Array, Array]:
     """Stopping test of a batch of states and the factor of each state.
 
     Returns ``(bad, L)``: ``bad`` is True where ``V`` has a non-finite entry,
     ``max_ab |V_ab| > stop_norm`` or ``lambda_min(V) < -psd_tol * max(1, max_ab |V_ab|)``;
     ``L L^T = V`` (``V_+``) from :func:`sde.noise.factor_and_check` (Cholesky, with the clipped
     ``eigh`` only where Cholesky fails, so the eigenvalue test is evaluated exactly there).
+    ``active`` marks the states that matter (others: unspecified output, no eigh fallback).
     """
-    finite = jnp.all(jnp.isfinite(V), axis=(-2, -1))
-    eye = jnp.broadcast_to(jnp.eye(V.shape[-1], dtype=V.dtype), V.shape)
-    Vs = jnp.where(finite[..., None, None], V, eye)
-    scale = jnp.max(jnp.abs(Vs), axis=(-2, -1))
-    L, psd = factor_and_check(Vs, psd_tol * jnp.maximum(1.0, scale), factor)
-    return ~finite | (scale > stop_norm) | ~psd, L
+    scale = jnp.max(jnp.abs(V), axis=(-2, -1))  # NaN propagates
+    bad_norm = ~(scale <= stop_norm)  # also True for NaN / inf
+    act = ~bad_norm if active is None else (active & ~bad_norm)
+    L, psd = factor_and_check(V, psd_tol * jnp.maximum(1.0, scale), factor, act)
+    return bad_norm | ~psd, L
 
 
 def stop_test(V: Array, stop_norm, psd_tol) -> Array:
@@ -223,17 +231,17 @@ def stop_test(V: Array, stop_norm, psd_tol) -> Array:
 
 
 def _where_batch(mask, a, b):
-    """``where(mask, a, b)`` for pytrees whose leaves have the batch axis of ``mask`` first."""
-    return jax.tree_util.tree_map(
-        lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), a, b
-    )
+    """``where(mask, a, b)`` with ``mask`` over the leading (batch) axis of ``a`` and ``b``."""
+    return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
 
 
 def _integrate(step, check, y0, aux0, h, num_saves: int, save_every):
     """Fixed-step loop over a batch of paths with per-path freezing.
 
     ``step(t0, t1, y, aux) -> (y1, state1)`` advances every path (``aux = (factor, solver
-    state)``); ``check(y1, stopped) -> (bad, factor1)`` tests the new states. ``num_saves``
+    state)``); ``check(y1, stopped) -> (bad, factor1)`` tests the new states. Only ``y`` is
+    frozen for stopped paths: their ``aux`` is garbage, but it only feeds steps whose results
+    are discarded (a stopped path's ``y`` never changes again). ``num_saves``
     (static) blocks of ``save_every`` (traced) steps: the compiled program depends on the
     number of saves, not on the number of steps. Returns ``(ys (C, num_saves + 1, ...),
     stopped (C,), stop_time (C,))``.
@@ -249,8 +257,8 @@ def _integrate(step, check, y0, aux0, h, num_saves: int, save_every):
         bad, factor1 = check(y1, stopped)
         stop_time = jnp.where(bad & ~stopped, t1, stop_time)
         stopped = stopped | bad
-        y, aux = _where_batch(stopped, (y, aux), (y1, (factor1, state1)))
-        return y, aux, stopped, stop_time
+        y = _where_batch(stopped, y, y1)
+        return y, (factor1, state1), stopped, stop_time
 
     def save_block(carry, k):
         first = k * save_every
@@ -301,7 +309,7 @@ def _solve_chunk(
 
     else:
         solver = diffrax.Euler()
-        shape = (2, m, m) if noise == "structured" else (m * (m + 1) // 2,)
+        shape = (noise_dim(m, params),) if noise == "structured" else (m * (m + 1) // 2,)
 
         def terms_of(key):
             bm = GridBrownianPath(shape, dtype, key, hb, substeps)
@@ -313,17 +321,19 @@ def _solve_chunk(
 
     def path_step(key, V, L, state, t0, t1):
         args = L if (noise == "structured" and not deterministic) else None
+        # No re-symmetrisation: drift and noise are symmetric by construction (the noise is
+        # X + X^T of a materialised X), up to 1-ulp differences where XLA contracts a*b + c
+        # into an FMA differently for (i, j) and (j, i); Cholesky reads one triangle only.
         V1, _, _, state1, _ = solver.step(terms_of(key), t0, t1, V, args, state, made_jump=False)
-        return symmetrize(V1), state1
+        return V1, state1
 
     def step(t0, t1, V, aux):
         L, state = aux
         return jax.vmap(path_step, in_axes=(0, 0, 0, 0, None, None))(keys, V, L, state, t0, t1)
 
     def check(V1, stopped):
-        # stopped paths keep their last state; factor the identity instead of re-testing it
-        eye = jnp.broadcast_to(jnp.eye(m, dtype=dtype), V1.shape)
-        return check_state(jnp.where(stopped[:, None, None], eye, V1), stop_norm, psd_tol, factor)
+        # stopped paths are frozen: their new state is ignored (and never triggers eigh)
+        return check_state(V1, stop_norm, psd_tol, factor, active=~stopped)
 
     _, L0 = check_state(V0s, jnp.inf, jnp.inf, factor)
     t_0 = jnp.zeros((), dtype)
@@ -408,12 +418,21 @@ def brownian_grid(h: float, n_steps: int, brownian_dt) -> tuple[float, bool]:
 
 
 def _float_dtype(x, name: str):
+    """The computation dtype: that of ``x`` (float32 / float64; integers -> default float).
+
+    float64 needs ``jax_enable_x64``; without it the computation runs in float32 (one warning).
+    """
     dtype = np.asarray(x).dtype
-    if dtype in (np.float32, np.float64):
-        return dtype
     if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
         return np.dtype(jnp.result_type(float))
-    raise ValueError(f"{name} has dtype {dtype}; use float32 or float64")
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"{name} has dtype {dtype}; use float32 or float64")
+    canonical = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+    if canonical != dtype:
+        warnings.warn(
+            f"{name} is {dtype} but jax_enable_x64 is off: computing in {canonical}", stacklevel=3
+        )
+    return canonical
 
 
 def _default_tol(dtype, psd_tol):
@@ -422,14 +441,16 @@ def _default_tol(dtype, psd_tol):
     return _positive_real("psd_tol", psd_tol, allow_zero=True)
 
 
-def validate_gram(V0, num_paths: int, psd_tol: float, stop_norm: float = math.inf) -> np.ndarray:
+def validate_gram(
+    V0, num_paths: int, psd_tol: float, stop_norm: float = math.inf, dtype=None
+) -> np.ndarray:
     """Check ``V0`` (``(m, m)`` or ``(num_paths, m, m)``): finite, symmetric, PSD, below stop_norm.
 
     Symmetry and PSD are tested with tolerance ``tol * max(1, max|V0|)``,
     ``tol = max(psd_tol, sqrt(eps))``. Returns the symmetrised host array, batched to
     ``(num_paths, m, m)``.
     """
-    dtype = _float_dtype(V0, "V0")
+    dtype = _float_dtype(V0, "V0") if dtype is None else np.dtype(dtype)
     V = np.asarray(V0, dtype=dtype)
     if V.ndim not in (2, 3) or V.shape[-1] != V.shape[-2] or V.shape[-1] < 1:
         raise ValueError(f"V0 has shape {V.shape}; expected (m, m) or (num_paths, m, m)")
@@ -461,8 +482,18 @@ def _path_keys(key, num_paths: int):
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_paths, dtype=jnp.uint32))
 
 
-def _run_chunks(fn, keys, inits, num_paths: int, chunk_size: int | None):
+def default_chunk_size(m: int) -> int:
+    """Paths per chunk: ``clip(2^19 / m^2, 64, 1024)`` (128 at m = 64, 1024 for m <= 22).
+
+    Small enough that a chunk's per-step arrays (random numbers, products) stay in cache: at
+    m = 64 a chunk of 128 paths is ~1.4x faster per path-step on CPU than 1000 paths."""
+    return int(min(1024, max(64, 2**19 // (m * m))))
+
+
+def _run_chunks(fn, keys, inits, num_paths: int, chunk_size):
     """Call the jitted ``fn(keys_chunk, inits_chunk)`` over fixed-size chunks (padded)."""
+    if chunk_size == "auto":
+        chunk_size = default_chunk_size(inits.shape[-1]) if inits.ndim == 3 else 1024
     C = num_paths if chunk_size is None else min(_positive_int("chunk_size", chunk_size), num_paths)
     outs = []
     for start in range(0, num_paths, C):
@@ -474,7 +505,7 @@ def _run_chunks(fn, keys, inits, num_paths: int, chunk_size: int | None):
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0), *outs)
 
 
-DEFAULT_CHUNK = 1024
+DEFAULT_CHUNK = "auto"
 
 
 # --------------------------------------------------------------------------- public API
@@ -492,7 +523,7 @@ def solve(
     noise: str = "structured",
     stop_norm: float = 1e4,
     psd_tol: float | None = None,
-    chunk_size: int | None = DEFAULT_CHUNK,
+    chunk_size: int | str | None = DEFAULT_CHUNK,
     factor: str = "cholesky",
     brownian_dt: float | None = None,
     deterministic: bool = False,
@@ -517,7 +548,9 @@ def solve(
       stop_norm: stop a path when ``max_ab |V_ab| > stop_norm`` (> 0).
       psd_tol: stop a path when ``lambda_min(V) < -psd_tol * max(1, max|V|)``; default
         ``sqrt(eps)`` of the dtype (1.5e-8 in float64, 3.5e-4 in float32).
-      chunk_size: paths per vmapped chunk (memory bound); ``None`` for all at once.
+      chunk_size: paths per chunk (bounds memory; the last chunk is padded so that one
+        program serves all chunks); ``"auto"`` (default): :func:`default_chunk_size`;
+        ``None``: all paths at once. Results do not depend on it.
       factor: factor of ``V`` for the structured noise and the PSD test: ``"cholesky"``
         (default; clipped ``eigh`` where Cholesky fails, so exact on the PSD boundary) or
         ``"eigh"`` (always); see :func:`sde.noise.factor_and_check`. Same law, different speed.
@@ -535,6 +568,32 @@ def solve(
     Raises:
       ValueError: for invalid inputs, naming the parameter, its value and the allowed range.
     """
+    plan = _plan_solve(
+        V0, params, T=T, dt=dt, num_paths=num_paths, key=key, save_every=save_every,
+        noise=noise, stop_norm=stop_norm, psd_tol=psd_tol, factor=factor,
+        brownian_dt=brownian_dt, deterministic=deterministic,
+    )
+    fn = functools.partial(_solve_chunk, **plan.dynamic, **plan.static)
+    V, stopped, stop_time = _run_chunks(fn, plan.keys, plan.V0s, plan.num_paths, chunk_size)
+    return SDESolution(ts=plan.ts, V=V, stopped=stopped, stop_time=stop_time)
+
+
+class _Plan(NamedTuple):
+    """Validated inputs of :func:`_solve_chunk` (also used by benchmarks/bench_sde.py to
+    compile the chunk program ahead of time)."""
+
+    keys: Array
+    V0s: Array
+    num_paths: int
+    ts: Array
+    dynamic: dict
+    static: dict
+
+
+def _plan_solve(
+    V0, params, *, T, dt, num_paths, key, save_every, noise, stop_norm, psd_tol, factor,
+    brownian_dt, deterministic,
+) -> _Plan:
     if not isinstance(params, SDEParams):
         raise ValueError(f"params={params!r} must be an SDEParams")
     n_steps, h = time_grid(T, dt, save_every)
@@ -549,18 +608,19 @@ def solve(
     tol = _default_tol(dtype, psd_tol)
     if deterministic and num_paths != 1:
         raise ValueError(f"num_paths={num_paths} must be 1 when deterministic=True")
-    V0s = jnp.asarray(validate_gram(V0, num_paths, tol, stop_norm), dtype)
+    V0s = jnp.asarray(validate_gram(V0, num_paths, tol, stop_norm, dtype), dtype)
     if deterministic:
         keys = jnp.zeros((1, 2), jnp.uint32)  # unused
     else:
         keys = _path_keys(key, num_paths)
-    fn = functools.partial(
-        _solve_chunk,
+    dynamic = dict(
         h=jnp.asarray(h, dtype),
         hb=jnp.asarray(hb, dtype),
         save_every=jnp.asarray(save_every, jnp.int32),
         stop_norm=jnp.asarray(stop_norm, dtype),
         psd_tol=jnp.asarray(tol, dtype),
+    )
+    static = dict(
         params=params,
         num_saves=n_steps // save_every,
         noise=noise,
@@ -568,9 +628,8 @@ def solve(
         deterministic=bool(deterministic),
         substeps=substeps,
     )
-    V, stopped, stop_time = _run_chunks(fn, keys, V0s, num_paths, chunk_size)
     ts = jnp.arange(n_steps // save_every + 1, dtype=dtype) * jnp.asarray(save_every * h, dtype)
-    return SDESolution(ts=ts, V=V, stopped=stopped, stop_time=stop_time)
+    return _Plan(keys, V0s, num_paths, ts, dynamic, static)
 
 
 def solve_drift(V0, params: SDEParams, *, T: float, dt: float, save_every: int = 1, **kwargs):
@@ -588,7 +647,7 @@ def solve_correlation(
     key=None,
     save_every: int = 1,
     psd_tol: float | None = None,
-    chunk_size: int | None = DEFAULT_CHUNK,
+    chunk_size: int | str | None = DEFAULT_CHUNK,
     brownian_dt: float | None = None,
 ) -> CorrelationSolution:
     """Euler-Maruyama for the correlation SDE of the residual shaped-ReLU MLP (``block="mlp"``).

@@ -80,6 +80,24 @@ def test_structured_covariance_exact(m, factor):
         )
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+def test_noise_from_normals_covariance_exact(m):
+    """The solver's economical form (symmetric S from m(m+1)/2 normals, then Z2) has exactly the
+    covariance diffusion_matrix; its input length is noise_dim."""
+    rng = np.random.default_rng(20 + m)
+    for params in PARAMS:
+        V = jnp.asarray(random_psd(rng, m))
+        L = sde.psd_factor(V, "cholesky")
+        k = sde.noise_dim(m, params)
+        D = m * (m + 1) // 2
+        assert k == (D + m * m if (params.acal_coeff > 0 and m > 1) else D)
+        basis = jnp.eye(k)
+        Vb, Lb = jnp.broadcast_to(V, (k, m, m)), jnp.broadcast_to(L, (k, m, m))
+        J = sde.sym_to_vec(sde.noise_from_normals(Vb, Lb, basis, params)).T
+        S = sde.diffusion_matrix(V, params)
+        np.testing.assert_allclose(J @ J.T, S, rtol=0, atol=1e-10 * max(1.0, float(jnp.max(jnp.abs(S)))))
+
+
 def test_structured_covariance_detects_wrong_scaling():
     """Power check: dropping the 1/sqrt(2) of the Sigma_lin part, or using M = L instead of
     M = V P L / m, gives a covariance that differs from diffusion_matrix far beyond 1e-10."""

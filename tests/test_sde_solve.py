@@ -226,7 +226,10 @@ def test_euler_weak_order_with_common_random_numbers():
 
 @pytest.fixture(scope="module")
 def blowup_runs():
-    """m = 4, V0 eigenvalues ~100: the cubic attention drift blows some paths up."""
+    """m = 4, V0 eigenvalues ~100 (80 and 160): the cubic attention drift blows some paths up.
+
+    tau0 = 5 rather than 0.5: with tau0 = 0.5 every path blows up within the first step even at
+    dt = 1e-4 (the drift is ~gamma^2/tau0^2 |V|^3), which would not exercise the freezing."""
     m = 4
     V0 = 100 * (0.8 * np.eye(m) + 0.2 * np.ones((m, m)))
     p = sde.SDEParams(1.0, 5.0, block="transformer")
@@ -259,6 +262,46 @@ def test_stopping_freezes_paths(blowup_runs):
         assert np.all(np.any(V[i, 1:] != V[i, :-1], axis=(-2, -1)))
 
 
+def test_outputs_symmetric(blowup_runs):
+    """Symmetric up to rounding (XLA may contract a*b + c into FMAs differently for (i, j) and
+    (j, i)); the asymmetry does not grow (1e-14 relative after 100 steps)."""
+    V = np.asarray(blowup_runs["full"].V)
+    scale = np.max(np.abs(V), axis=(-2, -1), keepdims=True)
+    assert np.max(np.abs(V - np.swapaxes(V, -1, -2)) / scale) < 1e-14
+
+
+def test_check_state_flags():
+    good = np.array([[2.0, 0.5], [0.5, 1.0]])
+    nan = np.array([[1.0, np.nan], [np.nan, 1.0]])
+    indef = np.array([[1.0, 2.0], [2.0, 1.0]])
+    big = 2e4 * np.eye(2)
+    edge = np.array([[1.0, 1.0], [1.0, 1.0]]) - 1e-9 * np.array([[1.0, -1.0], [-1.0, 1.0]]) / 2
+    V = jnp.asarray(np.stack([good, nan, indef, big, edge]))
+    for factor in ["cholesky", "eigh"]:
+        bad, L = sde.check_state(V, 1e4, 1e-6, factor)
+        np.testing.assert_array_equal(np.asarray(bad), [False, True, True, True, False])
+        np.testing.assert_allclose(np.asarray(L[0] @ L[0].T), good, atol=1e-12)
+    # inactive entries never matter
+    bad, _ = sde.check_state(V, 1e4, 1e-6, "cholesky", active=jnp.array([True, False, False, True, True]))
+    assert not bool(bad[0]) and bool(bad[3]) and not bool(bad[4])
+
+
+def test_solve_on_the_psd_boundary():
+    """rho0 = 1 (rank-1 V0) under the MLP block: Cholesky fails on the exactly singular V0 and
+    the eigh fallback takes over; the noise vanishes in the null direction, so rho stays 1 (to
+    rounding) and nothing stops, with either factor."""
+    p = sde.SDEParams(0.7, block="mlp")
+    V0 = np.ones((2, 2))
+    kw = dict(T=0.5, dt=0.01, num_paths=16, key=jax.random.key(11), save_every=25)
+    for factor in ["cholesky", "eigh"]:
+        sol = sde.solve(V0, p, factor=factor, **kw)
+        assert sol.stopped_fraction == 0.0
+        V = np.asarray(sol.V[:, -1])
+        rho = V[:, 0, 1] / np.sqrt(V[:, 0, 0] * V[:, 1, 1])
+        np.testing.assert_allclose(rho, 1.0, atol=1e-10)
+        assert np.std(np.log(V[:, 0, 0])) > 0.1  # the diagonal still diffuses
+
+
 def test_save_every_and_chunks_do_not_change_paths(blowup_runs):
     full, sparse = blowup_runs["full"], blowup_runs["sparse"]
     np.testing.assert_array_equal(np.asarray(sparse.V), np.asarray(full.V)[:, ::5])
@@ -276,6 +319,12 @@ def test_brownian_dt_equal_to_dt_is_the_default_path():
     c = sde.solve(V0, p, brownian_dt=0.01, **kw)
     np.testing.assert_allclose(np.asarray(b.V), np.asarray(a.V), rtol=1e-13)
     assert not np.allclose(np.asarray(c.V[:, -1]), np.asarray(a.V[:, -1]))
+    # one V0 per path: paths with the same V0 are the same paths as in the unbatched solve
+    V0s = np.stack([V0, 2 * V0, V0, V0])
+    d = sde.solve(V0s, p, **kw)
+    np.testing.assert_array_equal(np.asarray(d.V)[[0, 2, 3]], np.asarray(a.V)[[0, 2, 3]])
+    np.testing.assert_array_equal(np.asarray(d.V[1, 0]), 2 * V0)
+    assert not np.allclose(np.asarray(d.V[1, -1]), np.asarray(a.V[1, -1]))
 
 
 def test_psd_stop():
