@@ -183,16 +183,22 @@ def _compute(name: str, fn: Callable, m: int) -> ActivationExpansion:
 
 
 @functools.lru_cache(maxsize=None)
-def _cached(name: str, fn: Callable) -> ActivationExpansion:
+def _cached(name: str, fn: Callable) -> Union[ActivationExpansion, ValueError]:
     del fn  # part of the cache key: a re-registered name is recomputed
-    return compute_expansion(name)
+    try:
+        return compute_expansion(name)
+    except ValueError as err:  # rejections are cached too
+        return err
 
 
 def expansion(activation: ActivationLike) -> ActivationExpansion:
     """:func:`compute_expansion` (always in float64), cached for registered names."""
     if isinstance(activation, str):
         fn = activations.get(activation)  # unknown name: ValueError listing the known ones
-        return _cached(activation, fn)
+        out = _cached(activation, fn)
+        if isinstance(out, ValueError):
+            raise ValueError(str(out))
+        return out
     return compute_expansion(activation)
 
 

@@ -69,9 +69,7 @@ from .coefficients import diffusion_matrix, drift, num_upper, sym_to_vec, upper_
 from .finite import (
     SAMPLERS,
     FiniteSampler,
-    bartlett_factor,
     gram,
-    gram_maps,
     initial_tokens,
     psd_root,
     sample_keys,
@@ -244,8 +242,8 @@ class AttentionTransition(GramTransition):
     ``sublayers="attention"`` and no LayerNorm (kinds "shaped" / "unshaped"); every attention
     option is honoured (activation, temperature, gains, heads, ``out_proj``, causal mask,
     zero queries) because the attention matrices come from the library's
-    :func:`shaped_attn.functional.attention_weights` and the scores from the Gram sampler's
-    :func:`sde.finite.gram_maps`.
+    :func:`shaped_attn.functional.attention_weights`. Needs key width and value width per
+    head ``>= m`` and ``n >= m + H m``.
 
     Why it is exact (spec/sde.md section 4 taken one step further): write ``X = sqrt(n) L Q``
     with ``L L^T = V_0`` and ``Q`` (m x n) orthonormal rows. A fresh Gaussian matrix ``G``

@@ -250,6 +250,10 @@ def wrong_constants(params, constants=None, k_lin=None, acal=None):
 
 
 GAMMA, TAU0, N_FAST = 1.0, 0.75, 250_000
+SLOW = pytest.mark.skipif(
+    not os.environ.get("SHAPED_ATTN_SLOW"),
+    reason="minutes of CPU: set SHAPED_ATTN_SLOW=1 (SHAPED_ATTN_QUICK=1 reduces the samples)",
+)
 V_FAST = random_psd(0)
 
 
@@ -325,6 +329,7 @@ def verification_rows(num_samples):
 
 
 @pytest.mark.slow
+@SLOW
 def test_verification_table():
     n = 40_000 if os.environ.get("SHAPED_ATTN_QUICK") else 200_000
     for row in verification_rows(n):
@@ -332,6 +337,7 @@ def test_verification_table():
 
 
 @pytest.mark.slow
+@SLOW
 def test_library_block_extrapolated_to_infinite_width():
     """The real block (Gram sampler with m x n features, sde.finite) at widths 64..256,
     extrapolated to n -> inf with est(n) = c0 + c1 / n, agrees with the SDE."""
@@ -364,6 +370,7 @@ def smooth_rows(num_samples):
 
 
 @pytest.mark.slow
+@SLOW
 def test_smooth_mlp_table():
     n = 30_000 if os.environ.get("SHAPED_ATTN_QUICK") else 100_000
     for row in smooth_rows(n):
