@@ -241,9 +241,7 @@ def run(quick: bool = False, log=print) -> dict:
         "m64_factor_eigh": sde_rate(64, "structured", STRUCTURED_STEPS[64], factor="eigh", repeats=1),
         "m64_chunk_1000": sde_rate(64, "structured", STRUCTURED_STEPS[64], chunk_size=1000, repeats=1),
     }
-    with jax.enable_x64(True):
-        profile["m8_float64"] = sde_rate(8, "structured", STRUCTURED_STEPS[8], dtype=np.float64,
-                                         repeats=repeats)
+    profile["m8_float64"] = _float64_rate(8, STRUCTURED_STEPS[8], repeats)
     if not quick:
         profile["m64_chunk_64"] = sde_rate(64, "structured", STRUCTURED_STEPS[64], chunk_size=64, repeats=1)
         profile["m64_chunk_256"] = sde_rate(64, "structured", STRUCTURED_STEPS[64], chunk_size=256, repeats=1)
@@ -256,7 +254,10 @@ def run(quick: bool = False, log=print) -> dict:
             "paths": PATHS, "dtype": "float32", "quick": quick,
             "generic_ms": generic_ms,
             "note": "generic noise is O(m^6) per step (eigh of D x D, D = m(m+1)/2); it is capped at "
-                    "m <= 16 in quick mode and m <= 32 (20 paths) in full mode",
+                    "m <= 16 in quick mode and m <= 32 (20 paths) in full mode. One CPU device: "
+                    "splitting paths over forced CPU devices deadlocked in XLA's CPU runtime at "
+                    "m = 64 (see sde.solve.SHARD_ON_CPU), so the two cores are used only through "
+                    "XLA's intra-op threads; timings depend on the machine's load (machine.load_average_1m_at_start).",
         },
         "rows": rows,
         "ratios": ratios,
@@ -264,6 +265,19 @@ def run(quick: bool = False, log=print) -> dict:
         "profile": profile,
         "wall_s": time.perf_counter() - t_start,
     }
+
+
+def _float64_rate(m: int, steps: int, repeats: int) -> dict:
+    """``sde_rate`` in float64, in a fresh process with ``JAX_ENABLE_X64=1`` (switching x64 on
+    inside this process after float32 programs were traced is not reliable)."""
+    code = (
+        "import json, sys; sys.path.insert(0, {d!r}); import numpy as np, bench_sde; "
+        "print(json.dumps(bench_sde.sde_rate({m}, 'structured', {steps}, dtype=np.float64, "
+        "repeats={repeats})))"
+    ).format(d=str(Path(__file__).resolve().parent), m=m, steps=steps, repeats=repeats)
+    env = dict(os.environ, JAX_ENABLE_X64="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):

@@ -19,9 +19,9 @@ the path's own key ``fold_in(key, i)``, ``i`` the path index: results do not dep
 ``num_paths``, ``chunk_size`` or the number of devices. A Python loop over chunks calls one
 jitted function (the last chunk is padded), which compiles once per (configuration, number of
 saves): neither the number of steps nor ``dt`` enters the compiled program. With several local
-devices (GPUs, TPU cores, or CPU devices from
-``XLA_FLAGS=--xla_force_host_platform_device_count=N``) each chunk's paths are split over a
-one-axis ``Mesh`` ``("paths",)`` with ``shard_map``, with no code change.
+accelerator devices (GPUs, TPU cores) each chunk's paths are split over a one-axis ``Mesh``
+``("paths",)`` with ``shard_map``, with no code change (CPU devices only with
+:data:`SHARD_ON_CPU`, see there).
 
 Stopping (spec section 2: convergence holds up to ``inf{t : ||V_t|| >= r}``, and the attention
 drift is cubic, so paths blow up): after every step the new state ``V`` is tested and the path
@@ -494,10 +494,21 @@ def default_chunk_size(m: int) -> int:
     return int(min(1024, max(64, 2**19 // (m * m))))
 
 
+SHARD_ON_CPU = False
+"""Also split chunks over several *CPU* devices (``--xla_force_host_platform_device_count``).
+
+Off by default: with 2 CPU devices the m = 64 solve deadlocked inside XLA's CPU runtime (jax
+0.10.2) as soon as a device had more than 2 paths of a chunk (m <= 48 ran fine and gave
+bit-identical results); accelerators (GPU, TPU) are always sharded."""
+
+
 def path_mesh() -> Mesh | None:
-    """A one-axis mesh ``("paths",)`` over all local devices, or None for a single device."""
+    """A one-axis mesh ``("paths",)`` over all local devices; None for a single device (and
+    for CPU devices unless :data:`SHARD_ON_CPU`)."""
     devices = jax.local_devices()
-    return Mesh(np.asarray(devices), ("paths",)) if len(devices) > 1 else None
+    if len(devices) < 2 or (devices[0].platform == "cpu" and not SHARD_ON_CPU):
+        return None
+    return Mesh(np.asarray(devices), ("paths",))
 
 
 @functools.lru_cache(maxsize=64)

@@ -408,3 +408,38 @@ def test_solve_correlation_validation():
         sde.solve_correlation(np.zeros(3), p, **KW_OK)
     with pytest.raises(ValueError, match="dt=0.3"):
         sde.solve_correlation(0.2, p, **{**KW_OK, "dt": 0.3})
+
+
+_SHARD_CHILD = """
+import jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+import sys, sde
+S = sys.modules["sde.solve"]
+assert len(jax.local_devices()) == 2
+out = []
+for shard in (False, True):
+    S.SHARD_ON_CPU = shard
+    assert (S.path_mesh() is not None) == shard
+    p = sde.SDEParams(0.6, 0.8)
+    r = sde.solve(0.8 * np.eye(3) + 0.2, p, T=0.1, dt=0.01, num_paths=7, key=jax.random.key(3),
+                  save_every=5, chunk_size=3)
+    c = sde.solve_correlation(0.3, sde.SDEParams(0.6, block="mlp"), T=0.1, dt=0.01, num_paths=5,
+                              key=jax.random.key(4))
+    out.append((np.asarray(r.V), np.asarray(r.stop_time), np.asarray(c.rho)))
+for a, b in zip(*out):
+    np.testing.assert_array_equal(a, b)
+print("SHARDED_OK")
+"""
+
+
+def test_sharded_over_two_cpu_devices_gives_identical_paths():
+    """The shard_map path (used on multi-device accelerators) run on 2 forced CPU devices in a
+    subprocess: identical results to the single-device program."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", _SHARD_CHILD], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert "SHARDED_OK" in res.stdout, res.stderr[-3000:]
