@@ -119,7 +119,9 @@ def compute_expansion(activation: ActivationLike, *, m: int = M_CHECK) -> Activa
     if m < 3:
         raise ValueError(f"m={m} must be >= 3 for the consistency checks")
     fn = activations.resolve(activation)
-    with jax.enable_x64(True):  # float64 whatever the session's default
+    # float64 whatever the session's default; concrete values even when first called while a
+    # caller's function is being traced (e.g. SDEParams built inside jax.jit)
+    with jax.enable_x64(True), jax.ensure_compile_time_eval():
         return _compute(name, fn, m)
 
 

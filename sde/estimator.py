@@ -71,11 +71,11 @@ from .finite import (
     FiniteSampler,
     gram,
     initial_tokens,
-    psd_root,
     sample_keys,
     sample_mesh,
     sized_config,
 )
+from .noise import psd_factor
 from .params import SDEParams
 from .validation import check_positive_int, check_psd_matrix
 
@@ -291,7 +291,7 @@ class AttentionTransition(GramTransition):
             raise ValueError(f"key width {nk} and value width per head must be >= m = {m}")
         dtype = V.dtype
         k_chi, k_normal = jax.random.split(key)
-        L = psd_root(V)  # depends on V only: computed once per compiled call, not per sample
+        L = psd_factor(V, "cholesky")  # depends on V only: computed once per compiled call, not per sample
         # All chi-squares of the Bartlett factors in one draw (one gamma sampler to compile):
         # per head the scores' Wishart(n_k, I_m), the value path's Wishart(n - m, I_Hm) and,
         # with concat, per head the values' Wishart(n / H, I_m).

@@ -31,12 +31,16 @@ def test_initial_tokens_exact_and_centred():
         finite.initial_tokens(V, 3)
 
 
-def test_psd_root_on_the_boundary():
-    v = jnp.asarray([1.0, 2.0, -1.0])
-    S = jnp.outer(v, v)  # rank 1: Cholesky fails
-    R = finite.psd_root(S)
-    assert bool(jnp.all(jnp.isfinite(R)))
-    np.testing.assert_allclose(R @ R.T, S, atol=1e-12)
+def test_gram_map_on_collapsed_tokens():
+    """Two identical tokens make x x^T / n singular (Cholesky fails): the fresh x W is still
+    finite, keeps the two tokens identical, and has the right scale."""
+    x = jnp.stack([jnp.ones(400), jnp.ones(400), jnp.cos(jnp.arange(400.0))])
+    y = finite.gram_map(jax.random.key(0), 5000)(x)
+    assert bool(jnp.all(jnp.isfinite(y)))
+    np.testing.assert_allclose(y[0], y[1], atol=1e-6)  # sqrt of a rounding-level eigenvalue
+    S = finite.gram(x)
+    # entries of y y^T / n_out estimate S with standard error about sqrt(2 / 5000) * |S|
+    np.testing.assert_allclose(finite.gram(y), S, atol=5 * np.sqrt(2 / 5000) * 1.0)
 
 
 VARIANTS = {

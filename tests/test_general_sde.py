@@ -113,6 +113,22 @@ def test_constants_come_from_the_expansion():
         SDEParams(gamma=0.5, head_layout="stack")
 
 
+
+def test_expansion_and_params_inside_a_traced_function():
+    """Constants are concrete floats even when first computed while jax.jit traces a caller."""
+    seen = {}
+
+    @jax.jit
+    def drift_of(V):
+        seen["e"] = compute_expansion(lambda s, mask=None: activations.get("sin2max_shifted")(s, mask))
+        return C.drift(V, SDEParams(gamma=0.5, activation="sin2max_shifted"))
+
+    V = jnp.asarray([[1.0, 0.3, 0.1], [0.3, 0.8, 0.2], [0.1, 0.2, 1.2]])
+    np.testing.assert_allclose(drift_of(V), C.drift(V, SDEParams(gamma=0.5, activation="sin2max_shifted")),
+                               rtol=1e-12)
+    e = expansion("sin2max_shifted")
+    assert (seen["e"].a1, seen["e"].a2) == pytest.approx((e.a1, e.a2), rel=1e-12)
+
 # ------------------------------------------------------------------------- softmax = paper
 
 
