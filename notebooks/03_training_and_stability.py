@@ -22,14 +22,17 @@
 # Frobenius norm and entropy during training.
 
 # %%
-# Colab only: install the package without touching Colab's jax/flax.
+# Colab only: install the package without touching Colab's jax/flax. A fork or a mirror is
+# installed instead with `%env SHAPED_ATTN_REPO=https://github.com/YOU/shaped-attn` first.
+import os
 import sys
 
+REPO = os.environ.get("SHAPED_ATTN_REPO", "https://github.com/OWNER/shaped-attn")
 if "google.colab" in sys.modules:
     import subprocess
 
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "git+https://github.com/OWNER/shaped-attn.git"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", f"git+{REPO}.git"],
+                   check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q",
                     "diffrax", "equinox", "optax", "tqdm", "jaxtyping", "lineax", "optimistix"], check=True)
 

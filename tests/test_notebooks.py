@@ -63,8 +63,23 @@ def test_ipynb_matches_py(name):
     ipynb = nbformat.read(ipynb_path, as_version=4)
     assert _code_cells(ipynb) == _code_cells(py), (
         f"{name}.ipynb is out of date: regenerate it with jupytext --to ipynb notebooks/{name}.py")
-    colab = f"colab.research.google.com/github/OWNER/shaped-attn/blob/main/notebooks/{name}.ipynb"
-    assert py.cells[0].cell_type == "markdown" and colab in py.cells[0].source
+
+
+def _repository_url() -> str:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_colab_links_use_the_project_repository(name):
+    """Badge and install URL both come from pyproject's [project.urls] Repository."""
+    repo = _repository_url()
+    py = jupytext.read(NOTEBOOK_DIR / f"{name}.py")
+    badge = f"https://colab.research.google.com/github/{repo.removeprefix('https://github.com/')}" \
+            f"/blob/main/notebooks/{name}.ipynb"
+    assert py.cells[0].cell_type == "markdown" and badge in py.cells[0].source
+    assert f'os.environ.get("SHAPED_ATTN_REPO", "{repo}")' in py.cells[1].source
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
