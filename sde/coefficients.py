@@ -252,10 +252,11 @@ def correlation(V: Array) -> Array:
     """
     xp = V.__array_namespace__() if hasattr(V, "__array_namespace__") else jnp
     d = xp.linalg.diagonal(V)
-    s2 = d[..., :, None] * d[..., None, :]
-    pos = s2 > 0
-    rho = V / xp.sqrt(xp.where(pos, s2, 1.0))
-    rho = xp.where(pos, rho, 0.0)
+    pos_d = d > 0
+    sd = xp.sqrt(xp.where(pos_d, d, 1.0))
+    pos = pos_d[..., :, None] & pos_d[..., None, :]
+    # two divisions, never the product V_aa V_bb, which underflows for variances ~ 1e-20 (float32)
+    rho = xp.where(pos, V / sd[..., :, None] / sd[..., None, :], 0.0)
     eye = xp.eye(V.shape[-1], dtype=bool)
     return xp.where(eye, xp.ones_like(rho), rho)
 

@@ -88,17 +88,24 @@ class Band:
 
 
 def band(values, keep=None) -> Band:
-    """Band over the sample axis of ``values`` ``(S, K)``, using only rows where ``keep``."""
+    """Band over the sample axis of ``values`` ``(S, K)`` using only the entries where ``keep``:
+    ``(S,)`` selects samples, ``(S, K)`` selects samples per column (e.g. alive at that layer).
+    Every column needs at least one kept entry, and kept entries must be finite."""
     v = np.asarray(values, dtype=np.float64)
-    if keep is not None:
-        v = v[np.asarray(keep, dtype=bool)]
-    if v.shape[0] == 0:
-        raise ValueError("values is empty: every sample was stopped")
-    if not np.all(np.isfinite(v)):
+    keep = np.ones(v.shape, bool) if keep is None else np.asarray(keep, dtype=bool)
+    if keep.ndim == 1:
+        keep = np.broadcast_to(keep[:, None], v.shape)
+    count = keep.sum(axis=0)
+    if np.any(count == 0):
+        raise ValueError("a column of values has no kept entry: every sample was stopped there")
+    if not np.all(np.isfinite(v[keep])):
         raise ValueError("values holds non-finite entries; exclude stopped samples first")
-    se = v.std(axis=0, ddof=1) / np.sqrt(v.shape[0]) if v.shape[0] > 1 else np.zeros(v.shape[1])
-    lo, median, hi = np.quantile(v, [0.05, 0.5, 0.95], axis=0)
-    return Band(mean=v.mean(axis=0), se=se, median=median, lo=lo, hi=hi)
+    v = np.where(keep, v, np.nan)
+    mean = np.nansum(v, axis=0) / count
+    var = np.nansum((v - mean) ** 2, axis=0) / np.maximum(count - 1, 1)
+    se = np.where(count > 1, np.sqrt(var / count), 0.0)
+    lo, median, hi = np.nanquantile(v, [0.05, 0.5, 0.95], axis=0)
+    return Band(mean=mean, se=se, median=median, lo=lo, hi=hi)
 
 
 def stopped_fraction(stopped) -> float:

@@ -45,6 +45,25 @@ def test_band_mean_se_and_keep_mask():
         compare.band(v)
 
 
+def test_band_with_a_per_layer_keep_mask():
+    """Column k uses only the samples alive at k: the statistics of the kept entries alone."""
+    rng = np.random.default_rng(5)
+    v = rng.normal(size=(400, 3))
+    keep = np.ones((400, 3), bool)
+    keep[:100, 1] = False
+    keep[:300, 2] = False
+    v[~keep] = np.inf  # never looked at
+    b = compare.band(v, keep)
+    for k, start in enumerate((0, 100, 300)):
+        col = v[start:, k]
+        assert b.mean[k] == pytest.approx(col.mean(), rel=1e-12)
+        assert b.se[k] == pytest.approx(col.std(ddof=1) / math.sqrt(col.size), rel=1e-12)
+        assert b.median[k] == pytest.approx(np.median(col), rel=1e-12)
+    keep[:, 2] = False
+    with pytest.raises(ValueError, match="no kept entry"):
+        compare.band(v, keep)
+
+
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="finite is empty"):
         compare.compare_samples([], [1.0, 2.0])

@@ -326,3 +326,13 @@ def test_params_hashable_and_coefficients():
     assert pm.attention_drift_coeff == 0.0 and pm.acal_coeff == 0.0 and pm.k_lin == 0.5
     pa = sde.SDEParams(0.5, block="attention")
     assert pa.relu_drift_coeff == 0.0 and pa.k_lin == pytest.approx(0.25 * 1.75)
+
+
+@pytest.mark.parametrize("xp", [np, jnp])
+def test_correlation_of_tiny_and_zero_variances(xp):
+    """float32 variances of 1e-30 (their product underflows) still give the right rho; a zero
+    variance gives rho = 0 off the diagonal, never NaN."""
+    base = np.array([[1.0, 0.6, 0.0], [0.6, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    rho = np.asarray(C.correlation(xp.asarray(1e-30 * base, dtype=xp.float32)))
+    expected = np.array([[1.0, 0.6, 0.0], [0.6, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(rho, expected, rtol=1e-6)

@@ -79,7 +79,7 @@ def test_outputs_and_determinism(tmp_path):
               "T", "num_samples", "sde_paths"):
         assert k in metrics
     assert len(metrics["quantiles_rho"]["finite"]) == 5 and len(metrics["quantiles_rho"]["sde"]) == 5
-    assert "ks_rate" in metrics["width_sweep"]
+    assert {"ks_rate", "w1_rate", "resolved_widths"} <= set(metrics["width_sweep"])
     config = json.loads((a / "config.json").read_text())
     assert config["config"]["width"] == 12 and config["environment"]["versions"]["jax"]
     for stem in ("density_rho", "mean_rho", "width_sweep"):
@@ -127,3 +127,42 @@ def test_resume_after_interruption_equals_uninterrupted(sig, tmp_path):
     res = np.load(out / "results.npz", allow_pickle=False)
     for k in ref.files:
         np.testing.assert_array_equal(res[k], ref[k])
+
+
+def test_eigen_exit_counts_stops_and_bounds():
+    """Exit time: first save with an eigenvalue outside [1e-4, 1e4], or the stop time if earlier."""
+    t = np.array([0.0, 0.1, 0.2, 0.3])
+    V = np.broadcast_to(np.eye(2), (3, 4, 2, 2)).copy()
+    V[0, 2:] *= 2e4          # leaves the upper bound at t = 0.2
+    V[1, 3, 1, 1] = 1e-5     # leaves the lower bound at t = 0.3
+    stop_t = np.array([np.inf, 0.1, np.inf])  # sample 1 was stopped (blow-up) at t = 0.1
+    exit_t = job.eigen_exit_time({"V": V, "t": t, "stop_t": stop_t})
+    np.testing.assert_array_equal(exit_t, [0.2, 0.1, np.inf])
+    s = job.exit_summary(exit_t, width=10)
+    assert s["fraction"] == pytest.approx(2 / 3)
+    assert s["depth_quartiles"][:2] == pytest.approx([1.0, 2.0]) and s["depth_quartiles"][2] is None
+
+
+def test_alive_mask_ends_at_stops_and_collapse():
+    t = np.array([0.0, 0.5, 1.0])
+    V = np.broadcast_to(np.eye(2, dtype=np.float32), (2, 3, 2, 2)).copy()
+    V[1, 2] = 0.0  # collapsed
+    alive = job.alive_mask({"V": V, "t": t, "stop_t": np.array([0.5, np.inf])})
+    np.testing.assert_array_equal(alive, [[True, False, False], [True, True, False]])
+
+
+def test_stability_grid_over_gamma_and_tau0(tmp_path):
+    """Large inputs (paper Fig. 5 setting, tiny sizes): one stability row per (tau0, gamma),
+    stopped samples counted as exits, the stability figure written, nothing non-finite."""
+    out = tmp_path / "fig5"
+    args = ["--preset", "fig5", "--width", "12", "--depth", "12", "--samples", "32", "--sde-paths", "32",
+            "--chunk", "16", "--dt", "0.05", "--gammas", "0.1,1", "--tau0s", "2", "--dtype", "float64",
+            "--out", str(out)]
+    assert job.main(args) == 0
+    text = (out / "metrics.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    rows = json.loads(text)["stability"]
+    assert [(r["tau0"], r["gamma"]) for r in rows] == [(1.0, 0.1), (1.0, 1.0), (2.0, 0.1), (2.0, 1.0)]
+    assert rows[0]["input_score_std"] == pytest.approx(100 / math.sqrt(12))
+    assert rows[1]["sde"]["fraction"] == 1.0  # gamma = 1 with inputs ~100: the cubic drift blows up
+    assert (out / "stability.png").stat().st_size > 0
