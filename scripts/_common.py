@@ -1,13 +1,19 @@
-"""Shared helpers of the reproduction scripts: output folder, atomic JSON, figures, tables."""
+"""Shared helpers of the reproduction scripts: validation of flags, resumable output
+folders (one JSON record per finished work unit), atomic JSON, figures, tables."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import io
 import math
 import os
 import sys
+import time
+import warnings
+import zlib
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -19,30 +25,147 @@ if str(_ROOT) not in sys.path:
 from shaped_attn import rundir  # noqa: E402
 
 
-def out_dir(path: str | os.PathLike) -> Path:
-    """Create (if needed) and return the output folder."""
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+# ------------------------------------------------------------------------ flags
 
 
-def _nan_to_null(x: Any) -> Any:
-    """JSON has no NaN: a non-finite float (e.g. the loss of a diverged run) becomes null."""
-    if isinstance(x, dict):
-        return {str(k): _nan_to_null(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_nan_to_null(v) for v in x]
-    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
-        return _nan_to_null(np.asarray(x).tolist())
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``prog: error: ...``, exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Atomic JSON write (:func:`shaped_attn.rundir.atomic_write_json`); NaN/inf become null."""
-    rundir.atomic_write_json(Path(path), _nan_to_null(data))
-    return Path(path)
+def _interval(lo, hi, lo_closed, hi_closed) -> str:
+    return f"{'[' if lo_closed else '('}{lo:g}, {hi:g}{']' if hi_closed else ')'}"
+
+
+def check_int(name: str, value, lo: int = 1, hi: int | None = None) -> None:
+    """``value`` is an integer >= ``lo`` (and <= ``hi`` if given)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo
+    if not ok or (hi is not None and value > hi):
+        limit = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}={value!r} must be an integer {limit}")
+
+
+def check_number(name: str, value, lo: float = 0.0, hi: float = math.inf, *,
+                 lo_closed: bool = False, hi_closed: bool = False) -> None:
+    """``value`` is a real number in the interval (NaN and inf never are)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and (value >= lo if lo_closed else value > lo) and (value <= hi if hi_closed else value < hi)):
+        raise ValueError(f"{name}={value!r} is outside {_interval(lo, hi, lo_closed, hi_closed)}")
+
+
+def check_choice(name: str, value, allowed: Sequence) -> None:
+    """``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {tuple(allowed)}")
+
+
+def check_each(name: str, values: Sequence, check: Callable, *args, **kwargs) -> None:
+    """``check(name, v, ...)`` for every element of a non-empty list flag."""
+    if not values:
+        raise ValueError(f"{name} is empty; give at least one value")
+    for v in values:
+        check(name, v, *args, **kwargs)
+
+
+def check_activation(name: str, value: str) -> None:
+    """``value`` is a registered attention activation."""
+    from shaped_attn import activations
+
+    if value not in activations.names():
+        raise ValueError(f"{name}={value!r} is not a registered activation: {', '.join(activations.names())}")
+
+
+def cli(script: str, prepare: Callable, execute: Callable, argv=None) -> int:
+    """Run a study script: ``prepare(argv)`` parses and checks every flag and opens the output
+    folder before any work (a ValueError or OSError: one line on stderr, exit code 2); then
+    ``execute(*prepared)`` does the work (Ctrl-C: one line, exit code 130; rerun to resume)."""
+    try:
+        prepared = prepare(argv)
+    except (ValueError, OSError) as err:
+        print(f"{script}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return execute(*prepared)
+    except KeyboardInterrupt:
+        print(f"{script}: interrupted; rerun the same command to resume from the finished units",
+              file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------------ outputs
+
+
+def open_run(out: str, config: Any, overwrite: bool, outputs: Sequence[str]) -> rundir.RunDir:
+    """The output folder bound to ``config`` (a dataclass); refuses a folder holding another
+    config unless ``overwrite`` (then the previous chunks and ``outputs`` are deleted)."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"out={out!r} exists and is not a directory")
+    return rundir.RunDir(out, dataclasses.asdict(config), overwrite=overwrite,
+                         outputs=(*outputs, "results.json", "timings.json"))
+
+
+def nan_to_null(x: Any) -> tuple[Any, int]:
+    """``x`` with every non-finite float (e.g. the loss of a diverged run) replaced by None
+    (JSON null), and the number replaced."""
+    count = 0
+
+    def clean(v):
+        nonlocal count
+        if isinstance(v, dict):
+            return {str(k): clean(w) for k, w in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(w) for w in v]
+        if hasattr(v, "tolist") and not isinstance(v, (str, bytes)):
+            return clean(np.asarray(v).tolist())
+        if isinstance(v, float) and not math.isfinite(v):
+            count += 1
+            return None
+        return v
+
+    return clean(x), count
+
+
+def save_unit(run: rundir.RunDir, name: str, record: Any, seconds: float) -> None:
+    """Write one finished work unit as ``chunks/{name}.json`` (atomic; NaN become null)."""
+    clean, count = nan_to_null(record)
+    run.save_record(name, {"record": clean, "non_finite": count, "seconds": seconds})
+
+
+def unit_key(seed: int, name: str):
+    """The PRNG key of one work unit: ``fold_in(PRNGKey(seed), crc32(name))``, so that it
+    depends on the seed and the unit's identity only (never on which units ran before)."""
+    import jax
+
+    return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()))
+
+
+def timed(fn: Callable, *args, **kwargs) -> tuple[Any, float]:
+    """``(fn(*args, **kwargs), wall seconds)``."""
+    t0 = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - t0
+
+
+def load_units(run: rundir.RunDir, names: Sequence[str]) -> tuple[dict, dict, int]:
+    """``(records, seconds, non-finite count)`` of finished units, read back from their JSON
+    files (so an uninterrupted and a resumed run build results from the same bytes)."""
+    records, seconds, count = {}, {}, 0
+    for name in names:
+        unit = run.load_record(name)
+        if unit is not None:
+            records[name], seconds[name] = unit["record"], unit["seconds"]
+            count += unit["non_finite"]
+    return records, seconds, count
+
+
+def finish(run: rundir.RunDir, payload: dict, non_finite: int, seconds: dict, total_s: float) -> Path:
+    """Write ``results.json`` (deterministic: no timings; NaN become null and are counted in
+    ``non_finite_values``) and ``timings.json``."""
+    clean, count = nan_to_null(payload)
+    clean["non_finite_values"] = non_finite + count
+    run.write_json("timings.json", {"units_s": seconds, "total_s": total_s})
+    return run.write_json("results.json", clean)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -85,6 +208,18 @@ def mean_sd(values: Iterable[float]) -> tuple[float, float, int]:
     if v.size == 0:
         return float("nan"), float("nan"), 0
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
+
+
+def nan_band(rows: Sequence[Sequence[Any]], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, min and max over ``rows`` of the finite values at each index (rows padded to
+    ``length``; None and non-finite values ignored; NaN where no row has a value)."""
+    a = np.full((len(rows), length), np.nan)
+    for i, row in enumerate(rows):
+        a[i, : len(row)] = np.asarray(row, dtype=float)
+    a[~np.isfinite(a)] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # columns without a finite value
+        return np.nanmean(a, 0), np.nanmin(a, 0), np.nanmax(a, 0)
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -10,9 +10,14 @@ al.) adds I + softmax - 11^T/m. Default data: the 8x8 digits shipped with scikit
     python scripts/compare_activations.py --dataset cifar10 --width 512 --heads 8 ...
 
 Writes OUT/results.json (config, environment, one entry per run with activation, prenorm,
-depth, seed, test_accuracy, final_train_loss, diagnostics and learning curve; a summary
-table), OUT/table.md, and figures OUT/learning_curves_depth{D}.png, OUT/accuracy.png,
-OUT/attention_norms.png. results.json is rewritten (atomically) after every configuration.
+depth, seed, test_accuracy, final_train_loss, diverged, diagnostics and learning curve; a
+summary table; ``non_finite_values``: how many NaN/inf were written as null), OUT/table.md,
+OUT/timings.json, and figures OUT/learning_curves_depth{D}.png, OUT/accuracy.png,
+OUT/attention_norms.png. Every flag is checked before any work (a bad one: one line, exit
+code 2). Each finished training run is kept as OUT/chunks/run-{activation}-d{depth}-s{seed}.json;
+rerunning the same command after an interruption trains only the missing runs and writes
+the same results.json as an uninterrupted run. An OUT holding another config is refused
+unless ``--overwrite``.
 
 Each (activation, depth) configuration runs in one of ``--workers`` spawned processes (default
 min(2, cores), one XLA thread each); its seeds share one compiled step (``--ensemble`` trains
@@ -35,7 +40,7 @@ import _common  # noqa: E402  (also puts the repository root on sys.path)
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from shaped_attn import activations, data, levit, training  # noqa: E402
+from shaped_attn import data, levit, training  # noqa: E402
 
 DEFAULT_ACTIVATIONS = (
     "softmax",
@@ -59,7 +64,7 @@ class CompareConfig:
     depths: tuple[int, ...] = (2, 8)
     seeds: int = 5
     dataset: str = "digits"
-    model: str = "levit"  # "levit" or "vit"
+    model: str = "levit"  # one of MODELS
     width: int = 64
     heads: int = 4
     mlp_ratio: int = 2
@@ -74,6 +79,8 @@ class CompareConfig:
     ensemble: bool = False  # train the seeds together (vmap): faster on accelerators, not on CPU
 
 
+MODELS = ("levit", "vit")
+
 QUICK = dict(seeds=3, width=32, steps=200, batch_size=32, learning_rate=4e-3, warmup_steps=20, log_every=20)
 """--quick: the digits, width 32, 200 steps of batch 32, 3 seeds, depths 2 and 8."""
 
@@ -87,70 +94,81 @@ def build_config(cfg: CompareConfig, activation: str, depth: int, ds: data.Image
         return levit.levit_config(activation, grid=4, **common)
     if cfg.model == "vit":
         return levit.vit_config(activation, patch_size=max(ds.image_size // 4, 1), **common)
-    raise ValueError(f"model={cfg.model!r} must be 'levit' or 'vit'")
+    raise ValueError(f"model={cfg.model!r} is not one of {MODELS}")
 
 
-def _last(history, key):
-    for rec in reversed(history):
-        if key in rec:
-            return rec[key]
-    return None
-
-
-def run_configuration(cfg: CompareConfig, activation: str, depth: int, ds, eval_batches):
-    """Train ``cfg.seeds`` seeds of one (activation, depth) together; one record per seed."""
-    model_cfg = build_config(cfg, activation, depth, ds)
-    seeds = list(range(cfg.seeds))
-    models = [levit.build(model_cfg, seed) for seed in seeds]
-    streams = [data.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=seed) for seed in seeds]
-    tcfg = training.TrainConfig(
+def train_config(cfg: CompareConfig) -> training.TrainConfig:
+    return training.TrainConfig(
         steps=cfg.steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm,
-        log_every=cfg.log_every,
+        weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm, log_every=cfg.log_every,
     )
-    t0, c0 = time.perf_counter(), time.process_time()
+
+
+def unit_name(activation: str, depth: int, seed: int) -> str:
+    """The chunk name of one training run."""
+    return f"run-{activation}-d{depth}-s{seed}"
+
+
+DIAGNOSTICS = ("attn_frobenius", "attn_frobenius_over_sqrt_n", "attn_entropy",
+               "token_correlation", "token_effective_rank")
+
+
+def run_record(activation: str, depth: int, seed: int, res: training.TrainResult) -> dict:
+    """The JSON record of one training run (no timings: records are deterministic)."""
+    h = res.history
+    return {
+        "activation": activation,
+        "prenorm": activation.startswith("norm_"),
+        "depth": depth,
+        "seed": seed,
+        "test_accuracy": res.final_eval.get("accuracy"),
+        "test_loss": res.final_eval.get("loss"),
+        "final_train_loss": res.final_train.get("loss"),
+        "final_train_accuracy": res.final_train.get("accuracy"),
+        "diverged": res.diverged,
+        # Means over the last logging interval; attention entries per layer, token
+        # entries per layer with the stem output first.
+        "diagnostics": {k: res.final_train.get(k) for k in DIAGNOSTICS},
+        "diagnostics_first_interval": {k: h[0].get(f"train/{k}") for k in DIAGNOSTICS},
+        "curve": {
+            "step": [r["step"] for r in h],
+            "train_loss": [r.get("train/loss") for r in h],
+            "train_accuracy": [r.get("train/accuracy") for r in h],
+            "grad_norm": [r.get("train/grad_norm") for r in h],
+            "attn_frobenius_over_sqrt_n": [r.get("train/attn_frobenius_over_sqrt_n") for r in h],
+        },
+    }
+
+
+def train_runs(cfg: CompareConfig, run, activation: str, depth: int, seeds, ds, eval_batches) -> list:
+    """Train ``seeds`` of one (activation, depth) and save each run as its own chunk.
+
+    One at a time (sharing one compiled step), each saved as it finishes; with
+    ``cfg.ensemble`` all of the configuration's seeds together (``seeds`` is then all of them,
+    so that a resumed run computes exactly what an uninterrupted one does).
+    """
+    model_cfg = build_config(cfg, activation, depth, ds)
+    tcfg = train_config(cfg)
+    common = dict(eval_fn=levit.classifier_eval, eval_batches=eval_batches)
+
+    def stream(seed):
+        return data.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=seed)
+
     if cfg.ensemble:
-        results = training.train_ensemble(
-            models, levit.classifier_loss, streams, tcfg, seeds=seeds,
-            eval_fn=levit.classifier_eval, eval_batches=eval_batches,
-        )
-    else:  # one compilation shared by the seeds (training caches the compiled step)
-        results = [
-            training.train(model, levit.classifier_loss, stream, dataclasses.replace(tcfg, seed=seed),
-                           eval_fn=levit.classifier_eval, eval_batches=eval_batches)
-            for model, stream, seed in zip(models, streams, seeds)
-        ]
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    runs = []
-    for seed, res in zip(seeds, results):
-        h = res.history
-        diag_keys = ("attn_frobenius", "attn_frobenius_over_sqrt_n", "attn_entropy",
-                     "token_correlation", "token_effective_rank")
-        runs.append({
-            "activation": activation,
-            "prenorm": activation.startswith("norm_"),
-            "depth": depth,
-            "seed": seed,
-            "test_accuracy": res.final_eval.get("accuracy"),
-            "test_loss": res.final_eval.get("loss"),
-            "final_train_loss": res.final_train.get("loss"),
-            "final_train_accuracy": res.final_train.get("accuracy"),
-            "diverged": res.diverged,
-            "wall_time_s_per_seed": wall / len(seeds),
-            "cpu_time_s_per_seed": cpu / len(seeds),
-            # Means over the last logging interval; attention entries per layer, token
-            # entries per layer with the stem output first.
-            "diagnostics": {k: res.final_train.get(k) for k in diag_keys},
-            "diagnostics_first_interval": {k: h[0].get(f"train/{k}") for k in diag_keys},
-            "curve": {
-                "step": [r["step"] for r in h],
-                "train_loss": [r.get("train/loss") for r in h],
-                "train_accuracy": [r.get("train/accuracy") for r in h],
-                "grad_norm": [r.get("train/grad_norm") for r in h],
-                "attn_frobenius_over_sqrt_n": [r.get("train/attn_frobenius_over_sqrt_n") for r in h],
-            },
-        })
-    return runs
+        models = [levit.build(model_cfg, seed) for seed in seeds]
+        results, wall = _common.timed(training.train_ensemble, models, levit.classifier_loss,
+                                      [stream(s) for s in seeds], tcfg, seeds=list(seeds), **common)
+        outcomes = [(res, wall / len(seeds)) for res in results]
+    else:  # a generator: each run is saved before the next one starts
+        outcomes = (_common.timed(training.train, levit.build(model_cfg, seed), levit.classifier_loss,
+                                  stream(seed), dataclasses.replace(tcfg, seed=seed), **common)
+                    for seed in seeds)
+    accuracies = []
+    for seed, (res, wall) in zip(seeds, outcomes):
+        record = run_record(activation, depth, seed, res)
+        _common.save_unit(run, unit_name(activation, depth, seed), record, wall)
+        accuracies.append(record["test_accuracy"])
+    return accuracies
 
 
 def summarise(runs, cfg: CompareConfig):
@@ -170,7 +188,7 @@ def summarise(runs, cfg: CompareConfig):
                 "diverged": div,
             })
             cell = f"{acc[0]:.3f} ± {acc[1]:.3f}" if acc[2] else "n/a"
-            row += [cell, f"{loss[0]:.3f} ± {loss[1]:.3f}" if loss[2] else "nan"]
+            row += [cell, f"{loss[0]:.3f} ± {loss[1]:.3f}" if loss[2] else "n/a"]
             if div:
                 row[-1] += f" ({div} diverged)"
         table_rows.append(row)
@@ -191,14 +209,14 @@ def figures(runs, cfg: CompareConfig, out: Path):
             sel = [r for r in runs if r["activation"] == act and r["depth"] == depth]
             if not sel:
                 continue
-            steps = sel[0]["curve"]["step"]
+            steps = max((r["curve"]["step"] for r in sel), key=len)  # diverged runs stop early
+            diverged = sum(r["diverged"] for r in sel)
+            label = f"{act} ({diverged} diverged)" if diverged else act
             for ax, key in zip(axes, ("train_loss", "train_accuracy")):
-                vals = np.array([[np.nan if v is None else v for v in r["curve"][key]] for r in sel],
-                                dtype=float)
-                m = np.nanmean(vals, axis=0) if np.isfinite(vals).any() else vals[0]
-                ax.plot(steps, m, color=c, label=act, lw=1.5)
+                m, lo, hi = _common.nan_band([r["curve"][key] for r in sel], len(steps))
+                ax.plot(steps, m, color=c, label=label, lw=1.5)
                 if len(sel) > 1:
-                    ax.fill_between(steps, np.nanmin(vals, 0), np.nanmax(vals, 0), color=c, alpha=0.15)
+                    ax.fill_between(steps, lo, hi, color=c, alpha=0.15)
         axes[0].set_yscale("log")
         axes[0].set_ylabel("training loss (interval mean)")
         axes[1].set_ylabel("training accuracy")
@@ -220,7 +238,9 @@ def figures(runs, cfg: CompareConfig, out: Path):
         ax.bar(np.arange(len(acts)) + j * width, means, width, yerr=sds, label=f"depth {depth}", capsize=2)
     ax.set_xticks(np.arange(len(acts)) + width * (len(cfg.depths) - 1) / 2)
     ax.set_xticklabels(acts, rotation=45, ha="right")
+    diverged = sum(r["diverged"] for r in runs)
     ax.set_ylabel("test accuracy (mean ± sd over seeds)")
+    ax.set_title(f"{diverged} of {len(runs)} runs diverged (their accuracy is left out)" if diverged else "")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
@@ -235,9 +255,9 @@ def figures(runs, cfg: CompareConfig, out: Path):
         corr = [r["diagnostics"]["token_correlation"] for r in sel
                 if r["diagnostics"]["token_correlation"] is not None]
         if vals:
-            axes[0].plot(np.arange(1, deep + 1), np.mean(np.asarray(vals, float), 0), "o-", color=c, label=act, ms=3)
+            axes[0].plot(np.arange(1, deep + 1), _common.nan_band(vals, deep)[0], "o-", color=c, label=act, ms=3)
         if corr:
-            axes[1].plot(np.arange(deep + 1), np.mean(np.asarray(corr, float), 0), "o-", color=c, label=act, ms=3)
+            axes[1].plot(np.arange(deep + 1), _common.nan_band(corr, deep + 1)[0], "o-", color=c, label=act, ms=3)
     axes[0].set_yscale("log")
     axes[0].set_xlabel("layer")
     axes[0].set_ylabel("||A||_F / sqrt(N), end of training")
@@ -252,9 +272,11 @@ def figures(runs, cfg: CompareConfig, out: Path):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _common.ArgumentParser(description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/compare_activations", help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard a previous run with a different config in --out")
     p.add_argument("--quick", action="store_true", help=f"small fast preset: {QUICK}")
     p.add_argument("--workers", type=int, default=_common.default_workers(),
                    help="configurations trained in parallel, one process each")
@@ -277,77 +299,100 @@ def parse_args(argv=None):
         if v is None:
             continue
         if f.name == "activations":
-            v = tuple(v) if args.only else tuple(dict.fromkeys(DEFAULT_ACTIVATIONS + tuple(v)))
+            v = tuple(dict.fromkeys(v if args.only else DEFAULT_ACTIVATIONS + tuple(v)))
         elif f.name == "depths":
-            v = tuple(v)
+            v = tuple(dict.fromkeys(v))
         values[f.name] = v
-    cfg = CompareConfig(**values)
-    for name in cfg.activations:
-        activations.get(name)  # fail early, listing the known names
-    return args, cfg
+    return args, CompareConfig(**values)
+
+
+def validate(cfg: CompareConfig, workers: int) -> None:
+    """Every flag on its own (cross-field rules: :func:`prepare`)."""
+    _common.check_each("activations", cfg.activations, _common.check_activation)
+    _common.check_each("depths", cfg.depths, _common.check_int)
+    for name in ("seeds", "width", "heads", "mlp_ratio", "steps", "batch_size", "log_every",
+                 "eval_batch_size"):
+        _common.check_int(name, getattr(cfg, name))
+    _common.check_int("warmup_steps", cfg.warmup_steps, lo=0)
+    _common.check_number("learning_rate", cfg.learning_rate)
+    _common.check_number("weight_decay", cfg.weight_decay, lo_closed=True)
+    _common.check_number("grad_clip_norm", cfg.grad_clip_norm)
+    _common.check_choice("dataset", cfg.dataset, data.DATASETS)
+    _common.check_choice("model", cfg.model, MODELS)
+    _common.check_int("workers", workers)
+
+
+def prepare(argv=None):
+    """Parse and check every flag, load the dataset, open the output folder; no training."""
+    args, cfg = parse_args(argv)
+    validate(cfg, args.workers)
+    try:
+        ds = _dataset(cfg.dataset)
+    except data.DatasetUnavailableError as err:
+        raise ValueError(f"dataset={cfg.dataset!r} is unavailable: {err}") from None
+    _common.check_number("batch_size", cfg.batch_size, 0, len(ds.x_train), hi_closed=True)
+    train_config(cfg)  # warmup_steps < steps
+    for depth in cfg.depths:
+        for activation in cfg.activations:  # e.g. heads must divide width
+            build_config(cfg, activation, depth, ds)
+    run = _common.open_run(args.out, cfg, args.overwrite,
+                           ("table.md", "learning_curves_depth*.png", "accuracy.png", "attention_norms.png"))
+    return args, cfg, run
 
 
 @functools.lru_cache(maxsize=2)
 def _dataset(name: str):
-    ds = data.load(name)
-    return ds
+    return data.load(name)
 
 
-def _work(cfg: CompareConfig, activation: str, depth: int):
+def _work(cfg: CompareConfig, run, activation: str, depth: int, seeds: tuple):
     ds = _dataset(cfg.dataset)
     eval_batches = data.eval_batches(ds.x_test, ds.y_test, cfg.eval_batch_size)
-    return run_configuration(cfg, activation, depth, ds, eval_batches)
+    return train_runs(cfg, run, activation, depth, seeds, ds, eval_batches)
 
 
-def _order(runs, cfg: CompareConfig):
-    key = {(d, a): i for i, (d, a) in enumerate((d, a) for d in cfg.depths for a in cfg.activations)}
-    return sorted(runs, key=lambda r: (key[(r["depth"], r["activation"])], r["seed"]))
+def execute(args, cfg: CompareConfig, run) -> int:
+    t_start = time.perf_counter()
+    units = {(d, a, s): unit_name(a, d, s) for d in cfg.depths for a in cfg.activations
+             for s in range(cfg.seeds)}
+    finished, _, _ = _common.load_units(run, units.values())
+    jobs = []
+    for depth in sorted(cfg.depths, reverse=True):  # deepest first: the workers finish together
+        for act in cfg.activations:
+            missing = tuple(s for s in range(cfg.seeds) if units[(depth, act, s)] not in finished)
+            if missing:
+                jobs.append((cfg, run, act, depth, tuple(range(cfg.seeds)) if cfg.ensemble else missing))
+    print(f"{_dataset(cfg.dataset)}; {len(cfg.activations)} activations x depths {cfg.depths} x "
+          f"{cfg.seeds} seeds; {len(finished)} of {len(units)} runs already in {run.path}/chunks; "
+          f"{args.workers} worker process(es)")
+    bar = tqdm(total=len(units), initial=len(finished), desc="training runs", dynamic_ncols=True)
+
+    def on_result(job, accs):
+        _, _, act, depth, seeds = job
+        tqdm.write(f"depth {depth:2d} {act:16s} seeds {list(seeds)} test acc "
+                   f"{[None if a is None else round(a, 3) for a in accs]}")
+        bar.update(sum(units[(depth, act, s)] not in finished for s in seeds))
+
+    _common.parallel_map(_work, jobs, args.workers, on_result)
+    bar.close()
+    records, seconds, non_finite = _common.load_units(run, units.values())
+    runs = [records[units[key]] for key in units]
+    summary, table = summarise(runs, cfg)
+    fig_paths = figures(runs, cfg, run.path)
+    _common.finish(run, {
+        "script": "compare_activations", "config": dataclasses.asdict(cfg),
+        "environment": _common.environment(), "runs": runs, "summary": summary, "table": table,
+        "diverged_runs": sum(r["diverged"] for r in runs),
+        "figures": [p.name for p in fig_paths],
+    }, non_finite, seconds, time.perf_counter() - t_start)
+    _common.write_text(run.path / "table.md", table + "\n")
+    print(table)
+    print(f"total wall time {time.perf_counter() - t_start:.1f} s; results in {run.path}/results.json")
+    return 0
 
 
 def main(argv=None) -> int:
-    args, cfg = parse_args(argv)
-    out = _common.out_dir(args.out)
-    t_start = time.perf_counter()
-    try:
-        ds = data.load(cfg.dataset)  # fail here, quickly and clearly, if it is unavailable
-    except data.DatasetUnavailableError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    workers = max(1, args.workers)
-    print(f"{ds}; {len(cfg.activations)} activations x depths {cfg.depths} x {cfg.seeds} seeds; "
-          f"{workers} worker process(es)")
-    # Deepest first: the longest jobs start early, so the workers finish together.
-    combos = sorted(((d, a) for d in cfg.depths for a in cfg.activations), key=lambda c: -c[0])
-    runs = []
-    payload = {
-        "script": "compare_activations", "quick": args.quick, "workers": workers,
-        "config": dataclasses.asdict(cfg), "environment": _common.environment(),
-        "complete": False, "runs": runs,
-    }
-    bar = tqdm(total=len(combos), desc="configurations", dynamic_ncols=True)
-
-    def on_result(job, new):
-        _, act, depth = job
-        runs[:] = _order(runs + new, cfg)
-        accs = [r["test_accuracy"] for r in new]
-        tqdm.write(f"depth {depth:2d} {act:16s} test acc {np.round(accs, 3).tolist()} "
-                   f"({new[0]['wall_time_s_per_seed'] * len(new):.1f} s wall, "
-                   f"{new[0]['cpu_time_s_per_seed'] * len(new):.1f} s CPU)")
-        bar.update(1)
-        _common.write_json(out / "results.json", payload)  # partial results survive a crash
-
-    _common.parallel_map(_work, [(cfg, a, d) for d, a in combos], workers, on_result)
-    bar.close()
-    summary, table = summarise(runs, cfg)
-    fig_paths = figures(runs, cfg, out)
-    wall = time.perf_counter() - t_start
-    payload.update(complete=True, summary=summary, table=table, wall_time_s=wall,
-                   figures=[p.name for p in fig_paths])
-    _common.write_json(out / "results.json", payload)
-    _common.write_text(out / "table.md", table + "\n")
-    print(table)
-    print(f"total wall time {wall:.1f} s; results in {out}/results.json")
-    return 0
+    return _common.cli("compare_activations", prepare, execute, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,14 @@ attention recorded inside the training step (mean over batch and heads).
 
     python scripts/frobenius_norm.py --quick --out runs/frobenius
 
-Writes OUT/results.json, OUT/bounds.png, OUT/frobenius_training.png.
+Writes OUT/results.json (``non_finite_values``: how many NaN/inf were written as null;
+diverged runs are flagged and counted), OUT/timings.json, OUT/bounds.png,
+OUT/frobenius_training.png. Every flag is checked before any work (a bad one: one line,
+exit code 2). Each finished unit (a part of the bounds, or one training run) is kept as
+OUT/chunks/{unit}.json, its random key derived from the seed and the unit's name; rerunning
+the same command after an interruption computes only the missing units and writes the same
+results.json as an uninterrupted run. An OUT holding another config is refused unless
+``--overwrite``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -95,10 +103,22 @@ def scaled_polynomial(p: int, a: float):
 
 def resolve(name: str):
     """``poly{p}_a{a}`` -> :func:`scaled_polynomial`; anything else from the registry."""
-    if name.startswith("poly") and "_a" in name:
-        p, a = name[4:].split("_a")
-        return scaled_polynomial(int(p), float(a))
-    return activations.get(name)
+    match = re.fullmatch(r"poly(\d+)_a(.+)", name)
+    if match is None:
+        return activations.get(name)
+    p, a = int(match[1]), float(match[2])
+    if p < 1 or not math.isfinite(a):
+        raise ValueError(f"{name!r}: p={p} must be >= 1 and a={a} finite")
+    return scaled_polynomial(p, a)
+
+
+def check_train_activation(name: str, value: str) -> None:
+    """``value`` is a registered activation or ``poly{p}_a{a}`` (integer p >= 1, finite a)."""
+    try:
+        resolve(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is neither poly{{p}}_a{{a}} (integer p >= 1, finite a) "
+                         f"nor a registered activation: {', '.join(activations.names())}") from None
 
 
 # ------------------------------------------------------------------------ part 1
@@ -165,7 +185,7 @@ def adversarial_bounds(cfg: FrobeniusConfig, key):
     rows = []
     for n in cfg.bound_ns:
         scales = jnp.logspace(-1, 1, cfg.adversarial_starts)[None, :, None, None]
-        a2 = scales * jax.random.normal(jax.random.fold_in(key, 7 * n), (2, cfg.adversarial_starts, n, n))
+        a2 = scales * jax.random.normal(jax.random.fold_in(key, n), (2, cfg.adversarial_starts, n, n))
         v0, g0, v1, g1 = run(a2)
         rows.append({"n": n, "value_ratio_max": float(v1.max()), "value_ratio_start_max": float(v0.max()),
                      "grad_ratio_max": float(g1.max()), "grad_ratio_start_max": float(g0.max())})
@@ -200,47 +220,71 @@ def init_expectation(cfg: FrobeniusConfig, key):
 IMAGE_SIZE = 16
 """The digits are resized to 16x16 so that conv stems give 2x2, 4x4 or 8x8 token grids."""
 
+TOKENS = (4, 16, 64)
+"""Token counts of the 16x16 digits' conv stems (grids 2x2, 4x4, 8x8)."""
+
 
 def _attention_norms(model, batch):
     _, out = levit.forward(model, batch["x"], return_attention=True)
     return {"attn_frobenius": diagnostics.attention_summary(out.attention)["attn_frobenius"]}
 
 
-def _train_job(cfg: FrobeniusConfig, act_name: str, tokens: int, seed: int):
-    ds = data.load_digits(image_size=IMAGE_SIZE)
-    grid = int(round(math.sqrt(tokens)))
-    model_cfg = levit.levit_config(resolve(act_name), depth=cfg.depth, width=cfg.width, num_heads=cfg.heads,
-                                   num_classes=ds.num_classes, image_size=ds.image_size,
-                                   channels=ds.channels, grid=grid)
-    model = levit.build(model_cfg, seed)
-    tcfg = training.TrainConfig(steps=cfg.steps, learning_rate=cfg.learning_rate,
+def model_config(cfg: FrobeniusConfig, act_name: str, tokens: int, ds):
+    return levit.levit_config(resolve(act_name), depth=cfg.depth, width=cfg.width, num_heads=cfg.heads,
+                              num_classes=ds.num_classes, image_size=ds.image_size,
+                              channels=ds.channels, grid=int(round(math.sqrt(tokens))))
+
+
+def train_config(cfg: FrobeniusConfig, seed: int = 0) -> training.TrainConfig:
+    return training.TrainConfig(steps=cfg.steps, learning_rate=cfg.learning_rate,
                                 warmup_steps=cfg.warmup_steps, log_every=cfg.log_every, seed=seed)
-    t0, c0 = time.perf_counter(), time.process_time()
+
+
+def train_run(cfg: FrobeniusConfig, act_name: str, tokens: int, seed: int) -> dict:
+    """One training run's record (no timings: records are deterministic)."""
+    ds = data.load_digits(image_size=IMAGE_SIZE)
+    model = levit.build(model_config(cfg, act_name, tokens, ds), seed)
     # At initialisation, on the first training batch, before any update.
     first = next(data.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=seed))
     init_frob = training.evaluate(model, _attention_norms, [first])["attn_frobenius"]
     res = training.train(model, levit.classifier_loss, data.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=seed),
-                         tcfg, eval_fn=levit.classifier_eval,
+                         train_config(cfg, seed), eval_fn=levit.classifier_eval,
                          eval_batches=data.eval_batches(ds.x_test, ds.y_test, 512))
     h = res.history
     return {
         "activation": act_name, "tokens": tokens, "seed": seed, "depth": cfg.depth,
         "test_accuracy": res.final_eval.get("accuracy"), "final_train_loss": res.final_train.get("loss"),
-        "diverged": res.diverged, "wall_time_s": time.perf_counter() - t0, "cpu_time_s": time.process_time() - c0,
-        "attn_frobenius_init": init_frob,
+        "diverged": res.diverged, "attn_frobenius_init": init_frob,
         "step": [r["step"] for r in h],
         "attn_frobenius": [r.get("train/attn_frobenius") for r in h],
         "train_loss": [r.get("train/loss") for r in h],
     }
 
 
-def _bounds_job(cfg: FrobeniusConfig):
-    key = jax.random.PRNGKey(cfg.seed)
-    return random_bounds(cfg, key), adversarial_bounds(cfg, key), init_expectation(cfg, key)
+BOUND_PARTS = {"random_bounds": random_bounds, "adversarial_bounds": adversarial_bounds,
+               "init_expectation": init_expectation}
+"""Parts 1-2: one work unit each."""
 
 
-def _call(fn, *args):
-    return fn(*args)
+def bound_part(cfg: FrobeniusConfig, name: str) -> list:
+    """The rows of one part, from the key ``unit_key(cfg.seed, name)``."""
+    return BOUND_PARTS[name](cfg, _common.unit_key(cfg.seed, name))
+
+
+def units(cfg: FrobeniusConfig) -> dict[str, tuple]:
+    """``{chunk name: (function, *arguments)}`` of every work unit: the longest training run
+    (largest N) first, then the bounds, then the other runs."""
+    train = {f"train-{a}-N{n}-s{s}": (train_run, cfg, a, n, s)
+             for n in sorted(cfg.tokens, reverse=True) for a in cfg.train_activations for s in range(cfg.seeds)}
+    first = next(iter(train))
+    return {first: train[first], **{name: (bound_part, cfg, name) for name in BOUND_PARTS}, **train}
+
+
+def _unit(run, name: str, fn, *args):
+    """Compute one unit in a worker and save it as its own chunk."""
+    record, seconds = _common.timed(fn, *args)
+    _common.save_unit(run, name, record, seconds)
+    return record
 
 
 # ------------------------------------------------------------------------ figures
@@ -307,10 +351,49 @@ def figures(rand, adv, init_rows, runs, cfg, out: Path):
     return paths
 
 
+def summarise(rand, adv, runs, cfg: FrobeniusConfig) -> dict:
+    """Worst ratios, and per (activation, N) the per-layer norms over training (finite
+    values only; diverged runs counted)."""
+    summary = {
+        "softmax_value_ratio_max_random": max(r["value_ratio_max"] for r in rand),
+        "softmax_grad_ratio_max_random": max(r["grad_ratio_max"] for r in rand),
+        "softmax_value_ratio_max_adversarial": max(r["value_ratio_max"] for r in adv),
+        "softmax_grad_ratio_max_adversarial": max(r["grad_ratio_max"] for r in adv),
+        "training": [],
+    }
+    for n in cfg.tokens:
+        for act in cfg.train_activations:
+            sel = [r for r in runs if r["tokens"] == n and r["activation"] == act]
+            fro = [np.asarray(r["attn_frobenius"], float) / math.sqrt(n) for r in sel]
+            summary["training"].append({
+                "activation": act, "tokens": n,
+                "ratio_init_mean": _common.mean_sd(
+                    np.mean(np.asarray(r["attn_frobenius_init"], float)) / math.sqrt(n) for r in sel)[0],
+                "ratio_final_mean": _common.mean_sd(np.mean(f[-1]) for f in fro)[0],
+                "ratio_max_over_training": max((float(v) for f in fro for v in f[np.isfinite(f)]),
+                                               default=math.nan),
+                "test_accuracy": _common.mean_sd(r["test_accuracy"] for r in sel)[:2],
+                "diverged": sum(r["diverged"] for r in sel),
+            })
+    return summary
+
+
+def table(summary: dict, cfg: FrobeniusConfig) -> str:
+    rows = [[t["activation"], t["tokens"], f"{t['ratio_init_mean']:.3g}", f"{t['ratio_final_mean']:.3g}",
+             f"{t['ratio_max_over_training']:.3g}",
+             f"{t['test_accuracy'][0]:.3f}" + (f" ± {t['test_accuracy'][1]:.3f}" if cfg.seeds > 1 else " (1 seed)")
+             + (f" ({t['diverged']} diverged)" if t["diverged"] else "")]
+            for t in summary["training"]]
+    return _common.format_table(
+        ["activation", "N", "||A||_F/sqrt(N) init", "final", "max in training", "test acc"], rows)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _common.ArgumentParser(description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/frobenius_norm")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard a previous run with a different config in --out")
     p.add_argument("--quick", action="store_true", help=f"small preset: {QUICK}")
     p.add_argument("--workers", type=int, default=_common.default_workers())
     for f in dataclasses.fields(FrobeniusConfig):
@@ -323,76 +406,71 @@ def parse_args(argv=None):
     for f in dataclasses.fields(FrobeniusConfig):
         v = getattr(args, f.name)
         if v is not None:
-            values[f.name] = tuple(v) if isinstance(v, list) else v
-    cfg = FrobeniusConfig(**values)
-    for name in cfg.train_activations:
-        resolve(name)
-    bad = [t for t in cfg.tokens if t not in (4, 16, 64)]
-    if bad:
-        raise SystemExit(f"--tokens must be among 4, 16, 64 (token grids of the 16x16 digits), got {bad}")
-    return args, cfg
+            values[f.name] = tuple(dict.fromkeys(v)) if isinstance(v, list) else v
+    return args, FrobeniusConfig(**values)
 
 
-def main(argv=None) -> int:
+def validate(cfg: FrobeniusConfig, workers: int) -> None:
+    """Every flag on its own (cross-field rules: :func:`prepare`)."""
+    for name in ("bound_ns", "init_ns"):
+        _common.check_each(name, getattr(cfg, name), _common.check_int)
+    _common.check_each("bound_scales", cfg.bound_scales, _common.check_number)
+    for name in ("bound_samples", "adversarial_starts", "adversarial_steps", "init_samples", "depth",
+                 "width", "heads", "steps", "batch_size", "log_every", "seeds"):
+        _common.check_int(name, getattr(cfg, name))
+    for name in ("warmup_steps", "seed"):
+        _common.check_int(name, getattr(cfg, name), lo=0)
+    _common.check_number("learning_rate", cfg.learning_rate)
+    _common.check_each("tokens", cfg.tokens, _common.check_choice, TOKENS)
+    _common.check_each("train_activations", cfg.train_activations, check_train_activation)
+    _common.check_int("workers", workers)
+
+
+def prepare(argv=None):
+    """Parse and check every flag and open the output folder; no work."""
     args, cfg = parse_args(argv)
-    out = _common.out_dir(args.out)
+    validate(cfg, args.workers)
+    ds = data.load_digits(image_size=IMAGE_SIZE)
+    _common.check_number("batch_size", cfg.batch_size, 0, len(ds.x_train), hi_closed=True)
+    train_config(cfg)  # warmup_steps < steps
+    for act in cfg.train_activations:
+        for n in cfg.tokens:  # e.g. heads must divide width
+            model_config(cfg, act, n, ds)
+    run = _common.open_run(args.out, cfg, args.overwrite, ("bounds.png", "frobenius_training.png"))
+    return args, cfg, run
+
+
+def execute(args, cfg: FrobeniusConfig, run) -> int:
     t0 = time.perf_counter()
-    # Longest jobs first; the bounds (parts 1-2) run as one more job beside the training.
-    jobs = [(_train_job, cfg, a, n, s) for n in sorted(cfg.tokens, reverse=True)
-            for a in cfg.train_activations for s in range(cfg.seeds)]
-    jobs.insert(1, (_bounds_job, cfg))
-    bar = tqdm(total=len(jobs), desc="frobenius_norm", dynamic_ncols=True)
+    todo = units(cfg)
+    finished, _, _ = _common.load_units(run, todo)
+    jobs = [(run, name, *job) for name, job in todo.items() if name not in finished]
+    print(f"{len(finished)} of {len(todo)} units already in {run.path}/chunks")
+    bar = tqdm(total=len(todo), initial=len(finished), desc="frobenius_norm", dynamic_ncols=True)
 
     def on_result(job, r):
         bar.update(1)
-        if job[0] is _bounds_job:
-            tqdm.write("bounds and expectations done")
+        if job[2] is bound_part:
+            tqdm.write(f"{job[1]} done")
             return
         last = np.asarray(r["attn_frobenius"][-1], float) / math.sqrt(r["tokens"])
         tqdm.write(f"N={r['tokens']:3d} {r['activation']:11s} seed {r['seed']}: test acc "
-                   f"{r['test_accuracy']:.3f}, final ||A||_F/sqrt(N) per layer {np.round(last, 2).tolist()}")
+                   f"{r['test_accuracy']}, final ||A||_F/sqrt(N) per layer {np.round(last, 2).tolist()}")
 
-    results = _common.parallel_map(_call, jobs, args.workers, on_result)
+    _common.parallel_map(_unit, jobs, args.workers, on_result)
     bar.close()
-    rand, adv, init_rows = results[1]
-    runs = [r for i, r in enumerate(results) if i != 1]
-    fig_paths = figures(rand, adv, init_rows, runs, cfg, out)
-
-    # Summary: worst ratios, and per (activation, N) the largest per-layer norm over training.
-    summary = {
-        "softmax_value_ratio_max_random": max(r["value_ratio_max"] for r in rand),
-        "softmax_grad_ratio_max_random": max(r["grad_ratio_max"] for r in rand),
-        "softmax_value_ratio_max_adversarial": max(r["value_ratio_max"] for r in adv),
-        "softmax_grad_ratio_max_adversarial": max(r["grad_ratio_max"] for r in adv),
-        "training": [],
-    }
-    for n in cfg.tokens:
-        for act in cfg.train_activations:
-            sel = [r for r in runs if r["tokens"] == n and r["activation"] == act]
-            fro = [np.asarray([[np.nan if v is None else v for v in l] for l in r["attn_frobenius"]], float)
-                   / math.sqrt(n) for r in sel]
-            summary["training"].append({
-                "activation": act, "tokens": n,
-                "ratio_init_mean": float(np.mean([np.mean(r["attn_frobenius_init"]) / math.sqrt(n) for r in sel])),
-                "ratio_final_mean": float(np.nanmean([f[-1].mean() for f in fro])),
-                "ratio_max_over_training": float(np.nanmax([np.nanmax(f) for f in fro])),
-                "test_accuracy": _common.mean_sd(r["test_accuracy"] for r in sel)[:2],
-                "diverged": sum(r["diverged"] for r in sel),
-            })
-    rows = [[t["activation"], t["tokens"], f"{t['ratio_init_mean']:.3g}", f"{t['ratio_final_mean']:.3g}",
-             f"{t['ratio_max_over_training']:.3g}",
-             f"{t['test_accuracy'][0]:.3f}" + (f" ± {t['test_accuracy'][1]:.3f}" if cfg.seeds > 1 else " (1 seed)")]
-            for t in summary["training"]]
-    table = _common.format_table(
-        ["activation", "N", "||A||_F/sqrt(N) init", "final", "max in training", "test acc"], rows)
-    wall = time.perf_counter() - t0
-    _common.write_json(out / "results.json", {
-        "script": "frobenius_norm", "quick": args.quick, "workers": args.workers,
-        "config": dataclasses.asdict(cfg), "environment": _common.environment(),
+    records, seconds, non_finite = _common.load_units(run, todo)
+    rand, adv, init_rows = (records[name] for name in BOUND_PARTS)
+    runs = [records[name] for name in todo if name not in BOUND_PARTS]
+    fig_paths = figures(rand, adv, init_rows, runs, cfg, run.path)
+    summary = summarise(rand, adv, runs, cfg)
+    text = table(summary, cfg)
+    _common.finish(run, {
+        "script": "frobenius_norm", "config": dataclasses.asdict(cfg), "environment": _common.environment(),
         "bounds_random": rand, "bounds_adversarial": adv, "init_expectation": init_rows,
-        "runs": runs, "summary": summary, "table": table, "wall_time_s": wall,
+        "runs": runs, "summary": summary, "table": text, "diverged_runs": sum(r["diverged"] for r in runs),
         "figures": [p.name for p in fig_paths],
-    })
+    }, non_finite, seconds, time.perf_counter() - t0)
     print("softmax bounds (ratio <= 1 required): value max random "
           f"{summary['softmax_value_ratio_max_random']:.4f}, adversarial {summary['softmax_value_ratio_max_adversarial']:.4f}; "
           f"gradient max random {summary['softmax_grad_ratio_max_random']:.4f}, "
@@ -401,9 +479,13 @@ def main(argv=None) -> int:
     for r in init_rows:
         th = "" if r["theory"] is None else f" (theory {r['theory']:.3g})"
         print(f"  N={r['n']:5d} {r['activation']:11s} {r['ratio_mean']:.3g}{th}")
-    print(table)
-    print(f"total wall time {wall:.1f} s; results in {out}/results.json")
+    print(text)
+    print(f"total wall time {time.perf_counter() - t0:.1f} s; results in {run.path}/results.json")
     return 0
+
+
+def main(argv=None) -> int:
+    return _common.cli("frobenius_norm", prepare, execute, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,15 @@ tokens with a cross-entropy loss on a fixed random readout (mean and sd over ini
 
     python scripts/gradient_vanishing.py --quick --out runs/gradvanish
 
-Writes OUT/results.json, OUT/jacobian_norms.png, OUT/saturation.png, OUT/init_gradients.png.
+Writes OUT/results.json (``non_finite_values``: how many NaN/inf were written as null),
+OUT/timings.json, OUT/jacobian_norms.png, OUT/saturation.png, OUT/init_gradients.png. Every
+flag is checked before any work (a bad one: one line, exit code 2). Each finished unit (one
+activation at one N; one architecture's gradients) is kept as OUT/chunks/{unit}.json;
+rerunning the same command after an interruption computes only the missing units and writes
+the same results.json as an uninterrupted run. Keys come from ``--seed`` and the unit's
+setting: every activation sees the same scores at a given N, every architecture the same
+tokens (common random numbers). An OUT holding another config is refused unless
+``--overwrite``.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from shaped_attn.models import Stack  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class VanishConfig:
+    activations: tuple[str, ...] = ()  # every registered one (resolved by parse_args)
     n_keys: tuple[int, ...] = (16, 64)
     n_rows: int = 1024
     stds: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
@@ -81,22 +90,17 @@ def settings(cfg: VanishConfig):
     }
 
 
-def jacobian_part(cfg: VanishConfig, names, bar):
-    key = jax.random.PRNGKey(cfg.seed)
-    out = {}
-    for n in cfg.n_keys:
-        out[n] = {}
-        for name in names:
-            fn = activations.get(name)
-            out[n][name] = {
-                sweep: diagnostics.jacobian_sweep(fn, key, sets, n_rows=cfg.n_rows, n_keys=n)
-                for sweep, sets in settings(cfg).items()
-            }
-            bar.update(1)
-    return out
+def jacobian_unit(cfg: VanishConfig, name: str, n: int) -> dict:
+    """Every sweep of one activation at ``n`` keys (the key depends on ``n`` only)."""
+    key = _common.unit_key(cfg.seed, f"jacobian-N{n}")
+    fn = activations.get(name)
+    return {sweep: diagnostics.jacobian_sweep(fn, key, sets, n_rows=cfg.n_rows, n_keys=n)
+            for sweep, sets in settings(cfg).items()}
 
 
 # ------------------------------------------------------------------- part 2: Fig. 2
+
+KINDS = ("shaped", "pre_ln", "post_ln")
 
 
 def _block(kind: str, cfg: VanishConfig):
@@ -105,38 +109,41 @@ def _block(kind: str, cfg: VanishConfig):
                              param_dtype="float32")
     if kind == "pre_ln":
         return pre_ln_config(cfg.grad_width, num_heads=1)
-    if kind == "post_ln":
-        return post_ln_config(cfg.grad_width, num_heads=1)
-    raise ValueError(kind)
+    return post_ln_config(cfg.grad_width, num_heads=1)
 
 
-def init_gradients(cfg: VanishConfig, bar):
-    res = {}
-    for kind in ("shaped", "pre_ln", "post_ln"):
-        norms = {"query": [], "value": []}
-        for seed in range(cfg.grad_seeds):
-            k_model, k_x, k_head, k_y = jax.random.split(jax.random.PRNGKey(1000 + seed), 4)
-            stack = Stack(_block(kind, cfg), cfg.grad_depth, rngs=nnx.Rngs(params=k_model))
-            x = jax.random.normal(k_x, (cfg.grad_batch, cfg.grad_tokens, cfg.grad_width))
-            head = jax.random.normal(k_head, (cfg.grad_width, 10)) / math.sqrt(cfg.grad_width)
-            y = jax.random.randint(k_y, (cfg.grad_batch,), 0, 10)
+def init_gradient_unit(cfg: VanishConfig, kind: str) -> dict:
+    """Per-layer gradient norms at initialisation of one architecture over ``grad_seeds``
+    seeds (seed i: ``fold_in(unit_key(seed, "init_gradients"), i)`` for every architecture)."""
+    key = _common.unit_key(cfg.seed, "init_gradients")
+    norms = {"query": [], "value": []}
+    for seed in range(cfg.grad_seeds):
+        k_model, k_x, k_head, k_y = jax.random.split(jax.random.fold_in(key, seed), 4)
+        stack = Stack(_block(kind, cfg), cfg.grad_depth, rngs=nnx.Rngs(params=k_model))
+        x = jax.random.normal(k_x, (cfg.grad_batch, cfg.grad_tokens, cfg.grad_width))
+        head = jax.random.normal(k_head, (cfg.grad_width, 10)) / math.sqrt(cfg.grad_width)
+        y = jax.random.randint(k_y, (cfg.grad_batch,), 0, 10)
 
-            def loss(model):
-                h = model(x).mean(axis=-2)
-                return training.cross_entropy(h @ head, y)
+        def loss(model):
+            h = model(x).mean(axis=-2)
+            return training.cross_entropy(h @ head, y)
 
-            g = diagnostics.init_gradient_norms(stack, loss, ("query", "value"))
-            for k in norms:
-                norms[k].append(g[k])
-        res[kind] = {
-            k: {"mean": np.mean(v, 0).tolist(),
-                "sd": np.std(v, 0, ddof=1).tolist() if len(v) > 1 else [0.0] * len(v[0]),
-                "min": np.min(v, 0).tolist(), "max": np.max(v, 0).tolist(),
-                "per_seed": np.asarray(v).tolist()}
-            for k, v in norms.items()
-        }
-        bar.update(1)
-    return res
+        g = diagnostics.init_gradient_norms(stack, loss, ("query", "value"))
+        for k in norms:
+            norms[k].append(g[k])
+    return {
+        k: {"mean": np.mean(v, 0).tolist(),
+            "sd": np.std(v, 0, ddof=1).tolist() if len(v) > 1 else [0.0] * len(v[0]),
+            "min": np.min(v, 0).tolist(), "max": np.max(v, 0).tolist(),
+            "per_seed": np.asarray(v).tolist()}
+        for k, v in norms.items()
+    }
+
+
+def units(cfg: VanishConfig) -> dict[str, tuple]:
+    """``{chunk name: (function, *arguments)}`` of every work unit."""
+    jac = {f"jacobian-{a}-N{n}": (jacobian_unit, cfg, a, n) for n in cfg.n_keys for a in cfg.activations}
+    return {**jac, **{f"init_gradients-{kind}": (init_gradient_unit, cfg, kind) for kind in KINDS}}
 
 
 # ------------------------------------------------------------------------ findings
@@ -145,7 +152,7 @@ def init_gradients(cfg: VanishConfig, bar):
 def findings(jac, cfg: VanishConfig):
     """Short, computed statements per activation (largest N)."""
     n = max(cfg.n_keys)
-    lines, rows = [], []
+    rows = []
     for name, sweeps in jac[n].items():
         std = {r["std"]: r for r in sweeps["normal_std"]}
         df = {r["df"]: r for r in sweeps["student_t_df"]}
@@ -158,13 +165,14 @@ def findings(jac, cfg: VanishConfig):
             "median_frob_std1": base,
             f"median_frob_std{max(std):g}": hi_std["frobenius_median"],
             # x std: constant when the decay is only the 1/std of the row standardisation
-            f"median_frob_x_std_std{max(std):g}": hi_std["frobenius_median"] * max(std),
+            f"median_frob_x_std_std{max(std):g}": _float(hi_std["frobenius_median"]) * max(std),
             f"saturation_std{max(std):g}": hi_std["saturation"],
             f"median_frob_t_df{min(df):g}": df[min(df)]["frobenius_median"],
             f"saturation_t_df{min(df):g}": df[min(df)]["saturation"],
             f"median_frob_outlier{max(out1):g}": out1[max(out1)]["frobenius_median"],
             f"saturation_outlier{max(out1):g}": out1[max(out1)]["saturation"],
-            "max_abs_weight_any": max(r["max_abs_weight"] for s in sweeps.values() for r in s),
+            "max_abs_weight_any": max((r["max_abs_weight"] for s in sweeps.values() for r in s
+                                       if r["max_abs_weight"] is not None), default=math.nan),
         }
         rows.append(row)
     return rows
@@ -189,11 +197,11 @@ def figures(jac, grads, cfg: VanishConfig, out: Path):
             for nm, c in zip(names, colors):
                 recs = jac[n][nm][sweep]
                 x = [r[xk] for r in recs]
-                y = [r[metric] for r in recs]
+                y = [_float(r[metric]) for r in recs]
                 ax.plot(x, y, styles[nm], color=c, label=nm, marker="o", ms=3, lw=1.2)
                 if metric == "frobenius_median":
-                    ax.fill_between(x, [r["frobenius_q10"] for r in recs], [r["frobenius_q90"] for r in recs],
-                                    color=c, alpha=0.06)
+                    ax.fill_between(x, [_float(r["frobenius_q10"]) for r in recs],
+                                    [_float(r["frobenius_q90"]) for r in recs], color=c, alpha=0.06)
             ax.set_xscale("log")
             from matplotlib.ticker import NullFormatter, ScalarFormatter
 
@@ -212,10 +220,11 @@ def figures(jac, grads, cfg: VanishConfig, out: Path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, which in zip(axes, ("query", "value")):
         for kind, c in zip(grads, ("C0", "C1", "C2")):
-            m = np.asarray(grads[kind][which]["mean"])
+            m = np.asarray(grads[kind][which]["mean"], float)
             layers = np.arange(1, len(m) + 1)
             ax.plot(layers, m, "o-", color=c, label=kind, ms=3)
-            ax.fill_between(layers, grads[kind][which]["min"], grads[kind][which]["max"], color=c, alpha=0.2)
+            ax.fill_between(layers, np.asarray(grads[kind][which]["min"], float),
+                            np.asarray(grads[kind][which]["max"], float), color=c, alpha=0.2)
         ax.set_yscale("log")
         ax.set_xlabel("layer")
         ax.set_ylabel(f"||dL/dW_{which[0].upper()}||_F at init")
@@ -229,13 +238,17 @@ def figures(jac, grads, cfg: VanishConfig, out: Path):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _common.ArgumentParser(description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/gradient_vanishing")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard a previous run with a different config in --out")
     p.add_argument("--quick", action="store_true", help=f"small preset: {QUICK}")
     p.add_argument("--activations", nargs="+", default=None,
                    help="activations to sweep (default: every registered one)")
     for f in dataclasses.fields(VanishConfig):
+        if f.name == "activations":
+            continue
         if isinstance(f.default, tuple):
             p.add_argument("--" + f.name.replace("_", "-"), nargs="+", type=type(f.default[0]), default=None)
         else:
@@ -245,45 +258,85 @@ def parse_args(argv=None):
     for f in dataclasses.fields(VanishConfig):
         v = getattr(args, f.name)
         if v is not None:
-            values[f.name] = tuple(v) if isinstance(v, list) else v
+            values[f.name] = tuple(dict.fromkeys(v)) if isinstance(v, list) else v
+    values.setdefault("activations", tuple(activations.names()))
     return args, VanishConfig(**values)
 
 
-def main(argv=None) -> int:
+def validate(cfg: VanishConfig) -> None:
+    """Every flag on its own, then the block configs of part 2."""
+    _common.check_each("activations", cfg.activations, _common.check_activation)
+    _common.check_each("n_keys", cfg.n_keys, _common.check_int, lo=2)
+    for name in ("stds", "dfs", "magnitudes"):
+        _common.check_each(name, getattr(cfg, name), _common.check_number)
+    _common.check_each("outlier_counts", cfg.outlier_counts, _common.check_int, hi=min(cfg.n_keys))
+    for name in ("n_rows", "grad_depth", "grad_width", "grad_tokens", "grad_batch", "grad_seeds"):
+        _common.check_int(name, getattr(cfg, name))
+    _common.check_int("seed", cfg.seed, lo=0)
+    _common.check_number("shaped_gamma", cfg.shaped_gamma, 0, 1, hi_closed=True)
+    _common.check_number("shaped_tau0", cfg.shaped_tau0)
+    for kind in KINDS:
+        _block(kind, cfg)
+
+
+def prepare(argv=None):
+    """Parse and check every flag and open the output folder; no work."""
     args, cfg = parse_args(argv)
-    out = _common.out_dir(args.out)
-    names = args.activations or list(activations.names())
-    for nm in names:
-        activations.get(nm)
+    validate(cfg)
+    run = _common.open_run(args.out, cfg, args.overwrite,
+                           ("jacobian_norms.png", "saturation.png", "init_gradients.png"))
+    return cfg, run
+
+
+def execute(cfg: VanishConfig, run) -> int:
     t0 = time.perf_counter()
-    bar = tqdm(total=len(cfg.n_keys) * len(names) + 3, desc="gradient_vanishing", dynamic_ncols=True)
-    jac = jacobian_part(cfg, names, bar)
-    grads = init_gradients(cfg, bar)
-    bar.close()
+    todo = units(cfg)
+    finished, _, _ = _common.load_units(run, todo)
+    with tqdm(total=len(todo), initial=len(finished), desc="gradient_vanishing", dynamic_ncols=True) as bar:
+        for name, (fn, *fn_args) in todo.items():
+            if name not in finished:
+                record, seconds = _common.timed(fn, *fn_args)
+                _common.save_unit(run, name, record, seconds)
+                bar.update(1)
+    records, seconds, non_finite = _common.load_units(run, todo)
+    jac = {n: {a: records[f"jacobian-{a}-N{n}"] for a in cfg.activations} for n in cfg.n_keys}
+    grads = {kind: records[f"init_gradients-{kind}"] for kind in KINDS}
     rows = findings(jac, cfg)
-    fig_paths = figures(jac, grads, cfg, out)
+    fig_paths = figures(jac, grads, cfg, run.path)
     cols = list(rows[0])
     table = _common.format_table(
-        cols, [[r[c] if isinstance(r[c], str) else f"{r[c]:.3g}" for c in cols] for r in rows]
+        cols, [[r[c] if isinstance(r[c], str) else _fmt(r[c]) for c in cols] for r in rows]
     )
-    wall = time.perf_counter() - t0
-    _common.write_json(out / "results.json", {
-        "script": "gradient_vanishing", "quick": args.quick,
-        "config": dataclasses.asdict(cfg), "environment": _common.environment(),
+    _common.finish(run, {
+        "script": "gradient_vanishing", "config": dataclasses.asdict(cfg),
+        "environment": _common.environment(),
         "saturation_threshold": {n: diagnostics.default_saturation_threshold(n) for n in cfg.n_keys},
         "jacobian": {str(n): v for n, v in jac.items()},
-        "findings": rows, "table": table,
-        "init_gradients": grads, "wall_time_s": wall,
+        "findings": rows, "table": table, "init_gradients": grads,
         "figures": [p.name for p in fig_paths],
-    })
+    }, non_finite, seconds, time.perf_counter() - t0)
     print(table)
     print("\nGradient norms at init (mean over seeds), first / middle / last layer:")
     for kind, g in grads.items():
         for w in ("query", "value"):
             m = g[w]["mean"]
-            print(f"  {kind:8s} {w:5s}: {m[0]:.3g} / {m[len(m) // 2]:.3g} / {m[-1]:.3g}")
-    print(f"total wall time {wall:.1f} s; results in {out}/results.json")
+            print(f"  {kind:8s} {w:5s}: {_fmt(m[0])} / {_fmt(m[len(m) // 2])} / {_fmt(m[-1])}")
+    print(f"total wall time {time.perf_counter() - t0:.1f} s; results in {run.path}/results.json")
     return 0
+
+
+def _float(x) -> float:
+    """A record's number; NaN for a null (a non-finite value in the unit's JSON)."""
+    return math.nan if x is None else float(x)
+
+
+def _fmt(x) -> str:
+    """``x`` with 3 significant digits; ``n/a`` for a null (non-finite) value."""
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def main(argv=None) -> int:
+    return _common.cli("gradient_vanishing", prepare, execute, argv)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from shaped_attn.blocks import Block
 from shaped_attn.config import BlockConfig
 from shaped_attn.functional import BlockMaps, block_apply
 
-from .validation import check_psd_matrix, check_positive_int
+from .noise import psd_factor
+from .validation import check_choice, check_positive_int, check_positive_real, check_psd_matrix
 
 SAMPLERS = ("gram", "weights")
 ConfigLike = Union[BlockConfig, Callable[[int], BlockConfig]]
@@ -101,26 +102,12 @@ def gram(x: jax.Array) -> jax.Array:
     return jnp.einsum("...an,...bn->...ab", x, x) / x.shape[-1]
 
 
-def psd_root(S: jax.Array) -> jax.Array:
-    """A square root ``R R^T = S`` of a PSD matrix, exact on the PSD boundary.
-
-    Cholesky where it succeeds; where it fails (singular ``S``, e.g. collapsed tokens) the
-    symmetric root from ``eigh`` with negative rounding-level eigenvalues clipped to 0. Any
-    root gives the same law of ``R G`` for Gaussian ``G``.
-    """
-    chol = jnp.linalg.cholesky(S)
-    w, u = jnp.linalg.eigh(S)
-    sym = (u * jnp.sqrt(jnp.maximum(w, 0))[..., None, :]) @ jnp.swapaxes(u, -1, -2)
-    ok = jnp.all(jnp.isfinite(chol), axis=(-2, -1), keepdims=True)
-    return jnp.where(ok, chol, sym)
-
-
 def gram_map(key: jax.Array, n_out: int) -> Callable[[jax.Array], jax.Array]:
     """A fresh ``x -> x W``, ``W ~ N(0, 1/n_in)`` (n_in x n_out), drawn as ``R G``."""
 
     def apply(x):
         g = jax.random.normal(key, (*x.shape[:-1], n_out), x.dtype)
-        return psd_root(gram(x)) @ g
+        return psd_factor(gram(x), "cholesky") @ g
 
     return apply
 
@@ -153,7 +140,7 @@ def gram_scores(key: jax.Array, heads: int, key_width: int) -> Callable[[jax.Arr
         k_b, k_g = jax.random.split(key)
         b = bartlett_factor(k_b, shape, key_width, x.dtype)
         g = jax.random.normal(k_g, shape, x.dtype)
-        r = psd_root(gram(x))[..., None, :, :]
+        r = psd_factor(gram(x), "cholesky")[..., None, :, :]
         return r @ b @ g @ jnp.swapaxes(r, -1, -2)
 
     return apply
@@ -247,8 +234,7 @@ class FiniteSampler:
 
     def __init__(self, V0, config: ConfigLike, *, width: int, depth: int,
                  sampler: str = "gram", key_width: Optional[int] = None):
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}")
+        check_choice("sampler", sampler, SAMPLERS)
         V0 = check_psd_matrix("V0", V0)
         check_positive_int("depth", depth)
         self.cfg = sized_config(config, width, key_width, V0.dtype)
@@ -309,6 +295,7 @@ def simulate_finite(
         progress: show a tqdm bar over chunks.
     """
     check_positive_int("num_samples", num_samples)
+    check_positive_real("stop_norm", stop_norm)
     runner = FiniteSampler(V0, config, width=width, depth=depth, sampler=sampler, key_width=key_width)
     if chunk_size is None:
         chunk_size = default_chunk_size(runner.cfg, depth, sampler)

@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
+
+from .validation import check_choice, check_interval, check_positive_int, check_positive_real, check_real
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,15 +80,6 @@ BLOCKS = ("attention", "mlp", "transformer")
 
 HEAD_LAYOUTS = ("sum", "concat")
 """Multi-head layouts: summed heads (``out_proj=False``) or concatenate + ``W_O`` (``out_proj=True``)."""
-
-
-def _check_finite_real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name}={value!r} must be a real number")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be finite")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,26 +123,13 @@ class SDEParams:
     mlp_scale: float = 1.0
 
     def __post_init__(self):
-        gamma = _check_finite_real("gamma", self.gamma)
-        if not 0.0 < gamma <= 1.0:
-            raise ValueError(f"gamma={self.gamma!r} is outside (0, 1]")
-        if isinstance(self.tau0, bool) or not isinstance(self.tau0, numbers.Real):
-            raise ValueError(f"tau0={self.tau0!r} must be a real number in (0, inf]")
-        tau0 = float(self.tau0)
-        if math.isnan(tau0) or not tau0 > 0.0:
-            raise ValueError(f"tau0={self.tau0!r} is outside (0, inf]")
-        c_plus = _check_finite_real("c_plus", self.c_plus)
-        c_minus = _check_finite_real("c_minus", self.c_minus)
-        if self.block not in BLOCKS:
-            raise ValueError(f"block={self.block!r} is not one of {BLOCKS}")
-        if (
-            isinstance(self.heads, bool)
-            or not isinstance(self.heads, numbers.Integral)
-            or self.heads < 1
-        ):
-            raise ValueError(f"heads={self.heads!r} must be an integer >= 1")
-        if self.head_layout not in HEAD_LAYOUTS:
-            raise ValueError(f"head_layout={self.head_layout!r} is not one of {HEAD_LAYOUTS}")
+        gamma = check_interval("gamma", self.gamma, 0, 1)
+        tau0 = check_interval("tau0", self.tau0, 0, math.inf)
+        c_plus = check_real("c_plus", self.c_plus)
+        c_minus = check_real("c_minus", self.c_minus)
+        check_choice("block", self.block, BLOCKS)
+        check_positive_int("heads", self.heads)
+        check_choice("head_layout", self.head_layout, HEAD_LAYOUTS)
         if not isinstance(self.activation, str):
             raise ValueError(f"activation={self.activation!r} must be a registered name (a str)")
         from shaped_attn import activations  # noqa: PLC0415
@@ -162,9 +141,7 @@ class SDEParams:
         object.__setattr__(self, "c_plus", c_plus)
         object.__setattr__(self, "c_minus", c_minus)
         object.__setattr__(self, "heads", int(self.heads))
-        mlp_scale = _check_finite_real("mlp_scale", self.mlp_scale)
-        if not mlp_scale > 0.0:
-            raise ValueError(f"mlp_scale={self.mlp_scale!r} must be > 0")
+        mlp_scale = check_positive_real("mlp_scale", self.mlp_scale)
         object.__setattr__(self, "mlp_scale", mlp_scale)
         if self.smooth_mlp:
             self.mlp_constants  # noqa: B018  (ValueError for a bad activation)

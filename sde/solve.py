@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import warnings
 from typing import Any, NamedTuple
 
@@ -70,6 +69,14 @@ from .coefficients import (
 )
 from .noise import FACTORS, eigh_factor, factor_and_check, noise_dim, noise_from_normals, psd_sqrt
 from .params import SDEParams
+from .validation import (
+    check_choice,
+    check_gram_values,
+    check_interval,
+    check_positive_int,
+    check_positive_real,
+    default_psd_tol,
+)
 
 Array = jax.Array
 
@@ -371,23 +378,6 @@ def _solve_correlation_chunk(keys, rho0s, h, hb, save_every, psd_tol, *, params,
 # --------------------------------------------------------------------------- validation
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an integer >= 1")
-    return int(value)
-
-
-def _positive_real(name: str, value, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name}={value!r} must be a real number")
-    value = float(value)
-    ok = value >= 0.0 if allow_zero else value > 0.0
-    if not (math.isfinite(value) and ok):
-        rng = "[0, inf)" if allow_zero else "(0, inf)"
-        raise ValueError(f"{name}={value!r} is outside {rng}")
-    return value
-
-
 def time_grid(T, dt, save_every: int = 1) -> tuple[int, float]:
     """Validate the grid; return ``(n_steps, h)`` with ``n_steps = round(T / dt)``, ``h = T / n_steps``.
 
@@ -395,14 +385,12 @@ def time_grid(T, dt, save_every: int = 1) -> tuple[int, float]:
     divide it. The step actually used is ``h = T / n_steps`` (equal to ``dt`` up to rounding),
     so the last save time is exactly ``T``.
     """
-    T = _positive_real("T", T)
-    dt = _positive_real("dt", dt)
-    if dt > T:
-        raise ValueError(f"dt={dt!r} is outside (0, T={T!r}]")
+    T = check_positive_real("T", T)
+    dt = check_interval("dt", dt, 0, T, hi_name="T")
     n_steps = int(round(T / dt))
     if abs(n_steps * dt - T) > 1e-9 * T:
         raise ValueError(f"T/dt={T / dt!r} must be an integer number of steps (T={T}, dt={dt})")
-    save_every = _positive_int("save_every", save_every)
+    save_every = check_positive_int("save_every", save_every)
     if n_steps % save_every:
         raise ValueError(f"save_every={save_every} does not divide the number of steps {n_steps}")
     return n_steps, T / n_steps
@@ -412,7 +400,7 @@ def brownian_grid(h: float, n_steps: int, brownian_dt) -> tuple[float, bool]:
     """Validate ``brownian_dt``; return ``(h_b, substeps)`` (``h_b = h`` when it is None)."""
     if brownian_dt is None:
         return h, False
-    hb = _positive_real("brownian_dt", brownian_dt)
+    hb = check_positive_real("brownian_dt", brownian_dt)
     r = int(round(h / hb))
     if r < 1 or abs(r * hb - h) > 1e-9 * h:
         raise ValueError(f"brownian_dt={brownian_dt!r} must divide dt={h!r} (dt/brownian_dt={h / hb!r})")
@@ -441,8 +429,8 @@ def _float_dtype(x, name: str):
 
 def _default_tol(dtype, psd_tol):
     if psd_tol is None:
-        return float(np.sqrt(np.finfo(dtype).eps))
-    return _positive_real("psd_tol", psd_tol, allow_zero=True)
+        return default_psd_tol(dtype)
+    return check_positive_real("psd_tol", psd_tol, allow_zero=True)
 
 
 def validate_gram(
@@ -460,19 +448,8 @@ def validate_gram(
         raise ValueError(f"V0 has shape {V.shape}; expected (m, m) or (num_paths, m, m)")
     if V.ndim == 3 and V.shape[0] != num_paths:
         raise ValueError(f"V0 has {V.shape[0]} matrices but num_paths={num_paths}")
-    if not np.all(np.isfinite(V)):
-        raise ValueError("V0 has non-finite entries")
-    scale = np.maximum(1.0, np.max(np.abs(V), axis=(-2, -1)))
-    tol = max(psd_tol, float(np.sqrt(np.finfo(dtype).eps)))
-    asym = np.max(np.abs(V - np.swapaxes(V, -1, -2)), axis=(-2, -1))
-    if np.any(asym > tol * scale):
-        raise ValueError(f"V0 is not symmetric: max |V0 - V0^T| = {np.max(asym):.3g}")
+    check_gram_values("V0", V, max(psd_tol, default_psd_tol(dtype)))
     V = 0.5 * (V + np.swapaxes(V, -1, -2))
-    lam_min = np.linalg.eigvalsh(V.astype(np.float64))[..., 0]
-    if np.any(lam_min < -tol * scale):
-        raise ValueError(
-            f"V0 is not PSD: smallest eigenvalue {np.min(lam_min):.3g} < -{tol:.3g} * max(1, max|V0|)"
-        )
     if np.any(np.max(np.abs(V), axis=(-2, -1)) > stop_norm):
         raise ValueError(f"V0 has max |entry| {np.max(np.abs(V)):.3g} > stop_norm={stop_norm}")
     if V.ndim == 2:
@@ -544,7 +521,7 @@ def _run_chunks(fn, keys, inits, num_paths: int, chunk_size, multiple: int = 1):
     The chunk size is rounded up to a multiple of ``multiple`` (the number of devices)."""
     if chunk_size == "auto":
         chunk_size = default_chunk_size(inits.shape[-1]) if inits.ndim == 3 else 1024
-    C = num_paths if chunk_size is None else min(_positive_int("chunk_size", chunk_size), num_paths)
+    C = num_paths if chunk_size is None else min(check_positive_int("chunk_size", chunk_size), num_paths)
     C = -(-C // multiple) * multiple
     outs = []
     for start in range(0, num_paths, C):
@@ -648,12 +625,10 @@ def _plan_solve(
     if not isinstance(params, SDEParams):
         raise ValueError(f"params={params!r} must be an SDEParams")
     n_steps, h = time_grid(T, dt, save_every)
-    num_paths = _positive_int("num_paths", num_paths)
-    stop_norm = _positive_real("stop_norm", stop_norm)
-    if noise not in NOISES:
-        raise ValueError(f"noise={noise!r} is not one of {NOISES}")
-    if factor not in FACTORS:
-        raise ValueError(f"factor={factor!r} is not one of {FACTORS}")
+    num_paths = check_positive_int("num_paths", num_paths)
+    stop_norm = check_positive_real("stop_norm", stop_norm)
+    check_choice("noise", noise, NOISES)
+    check_choice("factor", factor, FACTORS)
     hb, substeps = brownian_grid(h, n_steps, brownian_dt)
     dtype = _float_dtype(V0, "V0")
     tol = _default_tol(dtype, psd_tol)
@@ -724,7 +699,7 @@ def solve_correlation(
     if params.block != "mlp":
         raise ValueError(f"params.block={params.block!r}: solve_correlation needs block='mlp'")
     n_steps, h = time_grid(T, dt, save_every)
-    num_paths = _positive_int("num_paths", num_paths)
+    num_paths = check_positive_int("num_paths", num_paths)
     hb, substeps = brownian_grid(h, n_steps, brownian_dt)
     dtype = _float_dtype(rho0, "rho0")
     tol = _default_tol(dtype, psd_tol)

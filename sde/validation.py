@@ -1,16 +1,54 @@
-"""Input checks shared by every public entry point: one-line ValueErrors that name the
-parameter, its value and the allowed range, raised before any work is done."""
+"""Input checks shared by every public entry point of :mod:`sde` (one source for each rule):
+one-line ValueErrors that name the parameter, its value and the allowed range, raised
+before any work is done."""
 
 from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
 
 PSD_TOL = 1e-8
-"""Relative tolerance for symmetry and for the smallest eigenvalue of an input covariance."""
+"""Smallest relative tolerance for symmetry and for the smallest eigenvalue of an input
+covariance (the default is ``max(PSD_TOL, sqrt(eps))`` of its dtype)."""
+
+
+def _bound(x) -> str:
+    return "inf" if x == math.inf else repr(x)
+
+
+def check_real(name: str, value) -> float:
+    """``value`` as a finite float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}={value!r} must be a real number")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be finite")
+    return float(value)
+
+
+def check_interval(name: str, value, lo: float, hi: float, *, lo_closed: bool = False,
+                   hi_closed: bool = True, hi_name: str = "") -> float:
+    """``value`` as a float in the interval from ``lo`` to ``hi`` (NaN is never inside).
+
+    ``hi_name`` labels a bound that is another parameter, e.g. ``(0, T=1.0]``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}={value!r} must be a real number")
+    v = float(value)
+    inside = (v >= lo if lo_closed else v > lo) and (v <= hi if hi_closed else v < hi)
+    if not inside:
+        label = f"{hi_name}=" if hi_name else ""
+        interval = f"{'[' if lo_closed else '('}{_bound(lo)}, {label}{_bound(hi)}{']' if hi_closed else ')'}"
+        raise ValueError(f"{name}={value!r} is outside {interval}")
+    return v
+
+
+def check_positive_real(name: str, value, allow_zero: bool = False) -> float:
+    """``value`` as a finite float > 0 (>= 0 with ``allow_zero``)."""
+    return check_interval(name, value, 0, math.inf, lo_closed=allow_zero, hi_closed=False)
 
 
 def check_positive_int(name: str, value) -> int:
@@ -20,31 +58,45 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
-def check_positive_real(name: str, value) -> float:
-    """``value`` as a finite float > 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a finite number > 0")
-    return float(value)
+def check_choice(name: str, value, allowed: tuple):
+    """``value`` if it is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {allowed}")
+    return value
 
 
-def check_psd_matrix(name: str, V, tol: float = PSD_TOL):
-    """``V`` as a jax array after checking it is a finite, symmetric, PSD ``(m, m)`` matrix.
+def default_psd_tol(dtype) -> float:
+    """``max(PSD_TOL, sqrt(eps))`` of a floating dtype."""
+    return max(PSD_TOL, float(np.sqrt(np.finfo(dtype).eps)))
 
-    Symmetry and the smallest eigenvalue are checked relative to ``max(1, max |V|)``.
+
+def check_gram_values(name: str, V: np.ndarray, tol: float) -> None:
+    """Raise unless every ``(m, m)`` matrix of ``V (..., m, m)`` is finite, symmetric and PSD.
+
+    Symmetry and the smallest eigenvalue are checked relative to ``max(1, max |V|)`` of each
+    matrix.
     """
+    if not np.all(np.isfinite(V)):
+        raise ValueError(f"{name} holds NaN or inf entries (non-finite); it must be finite")
+    V = np.asarray(V, np.float64)
+    scale = np.maximum(1.0, np.max(np.abs(V), axis=(-2, -1)))
+    asym = np.max(np.abs(V - np.swapaxes(V, -1, -2)), axis=(-2, -1))
+    if np.any(asym > tol * scale):
+        raise ValueError(f"{name} is not symmetric: max |{name} - {name}^T| = {np.max(asym):.3g} "
+                         f"> {tol:.3g} * max(1, max|{name}|)")
+    lowest = np.linalg.eigvalsh(0.5 * (V + np.swapaxes(V, -1, -2)))[..., 0]
+    if np.any(lowest < -tol * scale):
+        raise ValueError(f"{name} is not positive semi-definite (not PSD): smallest eigenvalue "
+                         f"{np.min(lowest):.3g} < -{tol:.3g} * max(1, max|{name}|)")
+
+
+def check_psd_matrix(name: str, V, tol: Optional[float] = None):
+    """``V`` as a jax array after checking it is a finite, symmetric, PSD ``(m, m)`` matrix
+    (:func:`check_gram_values`; ``tol`` defaults to :func:`default_psd_tol` of its dtype)."""
     a = np.asarray(V)
     if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 1:
         raise ValueError(f"{name} must be a square (m, m) matrix, got shape {a.shape}")
     if not np.issubdtype(a.dtype, np.floating):
-        a = a.astype(np.float64)
-        V = a
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} holds NaN or inf entries; it must be finite")
-    scale = max(1.0, float(np.max(np.abs(a))))
-    asym = float(np.max(np.abs(a - a.T)))
-    if asym > tol * scale:
-        raise ValueError(f"{name} is not symmetric: max |V - V^T| = {asym:.3g} > {tol * scale:.3g}")
-    lowest = float(np.linalg.eigvalsh(a.astype(np.float64)).min())
-    if lowest < -tol * scale:
-        raise ValueError(f"{name} is not positive semi-definite: smallest eigenvalue {lowest:.3g} < 0")
+        V = a = a.astype(np.float64)
+    check_gram_values(name, a, default_psd_tol(a.dtype) if tol is None else tol)
     return jnp.asarray(V)

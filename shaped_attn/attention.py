@@ -27,17 +27,23 @@ def dense(
     param_dtype: Any,
     rngs: nnx.Rngs,
     zero: bool = False,
+    variance: float = 1.0,
 ) -> nnx.Linear:
     """An ``nnx.Linear`` under an init scheme.
 
-    ``"theory"``: kernel ``N(0, 1/n_in)``, no bias. ``"standard"``: Flax defaults (truncated
-    normal fan-in kernel, zero bias). ``zero=True`` zero-initialises the kernel.
+    ``"theory"`` and ``"paper"``: kernel ``N(0, variance/n_in)``, no bias. ``"standard"``:
+    Flax defaults (truncated normal fan-in kernel, zero bias). ``zero=True``
+    zero-initialises the kernel.
     """
     if init not in INITS:
         raise ValueError(f"init={init!r} is not one of {INITS}")
     kwargs: dict[str, Any] = {"param_dtype": jnp.dtype(param_dtype), "rngs": rngs}
-    if init == "theory":
-        kwargs.update(use_bias=False, kernel_init=THEORY_KERNEL_INIT)
+    if init in ("theory", "paper"):
+        kernel_init = (
+            THEORY_KERNEL_INIT if variance == 1.0
+            else nnx.initializers.variance_scaling(variance, "fan_in", "normal")
+        )
+        kwargs.update(use_bias=False, kernel_init=kernel_init)
     if zero:
         kwargs["kernel_init"] = nnx.initializers.zeros
     return nnx.Linear(n_in, n_out, **kwargs)
@@ -51,7 +57,9 @@ class MultiHeadAttention(nnx.Module):
 
     Arguments:
         cfg: the attention config.
-        init: ``"theory"`` (kernels ``N(0, 1/fan_in)``, no biases) or ``"standard"``.
+        init: ``"theory"`` (kernels ``N(0, 1/fan_in)``, no biases), ``"paper"`` (the same,
+            but ``W_Q, W_K ~ N(0, n^{-3/2})``: the paper's training initialisation) or
+            ``"standard"``.
         param_dtype: parameter dtype.
         rngs: ``nnx.Rngs`` providing ``params``.
     """
@@ -66,11 +74,13 @@ class MultiHeadAttention(nnx.Module):
     ):
         self.cfg = cfg
         n, h = cfg.width, cfg.num_heads
-        make = lambda n_in, n_out, zero=False: dense(
-            n_in, n_out, init=init, param_dtype=param_dtype, rngs=rngs, zero=zero
+        make = lambda n_in, n_out, zero=False, variance=1.0: dense(
+            n_in, n_out, init=init, param_dtype=param_dtype, rngs=rngs, zero=zero,
+            variance=variance,
         )
-        self.query = make(n, h * cfg.head_dim, zero=cfg.query_init == "zero")
-        self.key = make(n, h * cfg.head_dim)
+        qk_variance = n**-0.5 if init == "paper" else 1.0  # N(0, n^{-1/2} / n)
+        self.query = make(n, h * cfg.head_dim, zero=cfg.query_init == "zero", variance=qk_variance)
+        self.key = make(n, h * cfg.head_dim, variance=qk_variance)
         self.value = make(n, h * cfg.value_dim)
         self.output = make(h * cfg.value_dim, n) if cfg.out_proj else None
 

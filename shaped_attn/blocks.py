@@ -5,7 +5,7 @@ The module holds the parameters; the equations are :func:`shaped_attn.functional
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,10 @@ class Block(nnx.Module):
 
     Submodules (``None`` when the config leaves them out): ``attention``
     (:class:`MultiHeadAttention`), ``mlp_in`` (``n -> hidden``), ``mlp_out``
-    (``hidden -> n``), ``norm_attn`` / ``norm_mlp`` (``nnx.LayerNorm``, pre_ln / post_ln).
+    (``hidden -> n``), ``norm_attn`` / ``norm_mlp`` (``nnx.LayerNorm``, pre_ln / post_ln),
+    ``learned``: an ``nnx.Dict`` of 0-d ``nnx.Param`` s, one per knob in ``cfg.learn``,
+    initialised at its configured value (:func:`functional.configured_knobs`); ``None``
+    when no knob is learned.
     """
 
     def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs):
@@ -48,6 +51,28 @@ class Block(nnx.Module):
         norms = cfg.layer_norm
         self.norm_attn = layer_norm_module(cfg, rngs=rngs) if norms and cfg.has_attention else None
         self.norm_mlp = layer_norm_module(cfg, rngs=rngs) if norms and cfg.has_mlp else None
+        start = functional.configured_knobs(cfg)._asdict()
+        dtype = jnp.dtype(cfg.param_dtype)
+        self.learned = (
+            nnx.Dict({k: nnx.Param(jnp.asarray(start[k], dtype)) for k in cfg.learn})
+            if cfg.learn else None
+        )
+
+    def knobs(self, schedule: Optional[Mapping[str, jax.Array]] = None) -> functional.Knobs:
+        """g1, g2, s_minus, lam, gamma: configured floats, learned parameters and the
+        ``schedule`` values (:func:`functional.scheduled_values`), which must name exactly
+        the config's scheduled knobs."""
+        given = tuple(sorted(schedule or {}))
+        if given != tuple(sorted(self.cfg.scheduled)):
+            raise ValueError(
+                f"schedule gives {list(given)} but the block schedules {list(self.cfg.scheduled)}; "
+                "pass schedule=functional.scheduled_values(cfg, step)"
+            )
+        dtype = jnp.dtype(self.cfg.param_dtype)
+        values = functional.configured_knobs(self.cfg)._asdict()
+        values.update({k: jnp.asarray(v, dtype) for k, v in (schedule or {}).items()})
+        values.update({k: p[...] for k, p in (self.learned or {}).items()})
+        return functional.Knobs(**values)
 
     def maps(self) -> functional.BlockMaps:
         """The block's linear maps and norms, as :func:`functional.block_apply` takes them."""
@@ -67,10 +92,13 @@ class Block(nnx.Module):
         mask: Optional[jax.Array] = None,
         *,
         score_bias: Optional[jax.Array] = None,
-        return_attention: bool = False,
+        schedule: Optional[Mapping[str, jax.Array]] = None,
+        return_attention: bool | str = False,
     ):
-        """``x: [..., m, n]`` -> ``x'`` (and the attention ``[..., H, m, m]`` or ``None``)."""
+        """``x: [..., m, n]`` -> ``x'`` (and the attention ``[..., H, m, m]`` or ``None``;
+        ``return_attention="activation"``: the weights before the shaping step).
+        ``schedule``: values of the scheduled knobs (see :meth:`knobs`)."""
         return functional.block_apply(
             self.cfg, x, maps=self.maps(), mask=mask, score_bias=score_bias,
-            return_attention=return_attention,
+            knobs=self.knobs(schedule), return_attention=return_attention,
         )

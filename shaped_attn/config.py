@@ -11,6 +11,12 @@ constructors so that nobody assembles them by hand:
     shaped_config(width, gamma, ablation="no_centre" | "no_identity" | "no_sqrt_n")
     unshaped_config(width, gamma)                # same residual, plain softmax, ReLU
     pre_ln_config(width) / post_ln_config(width) # standard Transformers
+
+Training options: the block scalars ``KNOBS`` (attention gains g1, g2, negative
+ReLU slope s_minus, residual weights lam, gamma) are fixed by default, follow a linear
+:class:`Ramp` of the training step (``BlockConfig.schedule``; :func:`recover_schedule` takes
+the shaping to the vanilla values) or are trained (``BlockConfig.learn``); ``init="paper"`` is
+the paper's training initialisation (``W_Q, W_K ~ N(0, n^{-3/2})`` with ``tau = sqrt(n_k)``).
 """
 
 from __future__ import annotations
@@ -27,11 +33,16 @@ ActivationLike = Union[str, Callable[..., Any]]
 
 BLOCK_KINDS = ("shaped", "unshaped", "pre_ln", "post_ln")
 TEMPERATURES = ("shaped", "standard")
-INITS = ("theory", "standard")
+INITS = ("theory", "standard", "paper")
 QUERY_INITS = ("default", "zero")
 SUBLAYERS = ("both", "attention", "mlp")
 ABLATIONS = (None, "no_centre", "no_identity", "no_sqrt_n")
 STEMS = ("patch", "conv")
+KNOBS = ("g1", "g2", "s_minus", "lam", "gamma")
+"""Block scalars that can be fixed, scheduled or trained: ``A = g1 I + act(Y / tau) - g2 C``,
+the shaped ReLU's negative slope ``s_minus``, the residual ``X' = lam X + gamma f(X)``."""
+RECOVER_KNOBS = ("g1", "g2", "s_minus")
+"""The shaping that :func:`recover_schedule` removes (vanilla values: all 0)."""
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -139,6 +150,29 @@ class AttentionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Ramp:
+    """Linear schedule of one knob: ``(1 - t) start + t end``, ``t = min(step / steps, 1)``.
+
+    ``start`` is the knob's configured (fixed) value; see
+    :func:`shaped_attn.functional.scheduled_values`.
+
+    Attributes:
+        knob: one of :data:`KNOBS`.
+        end: value from step ``steps`` on.
+        steps: length of the ramp in training steps (e.g. the warmup).
+    """
+
+    knob: str
+    end: float
+    steps: int
+
+    def __post_init__(self):
+        _choice("knob", self.knob, KNOBS)
+        _finite("end", self.end)
+        _positive_int("steps", self.steps)
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockConfig:
     """One Transformer layer: attention and MLP sub-blocks with a residual and optional LN.
 
@@ -157,10 +191,19 @@ class BlockConfig:
         mlp_hidden: MLP hidden width; ``None`` means ``width``. Resolved in ``__post_init__``.
         sublayers: ``"both"``, ``"attention"`` (attention-only block) or ``"mlp"``.
         init: ``"theory"``: every kernel ``N(0, 1/fan_in)``, no biases; ``"standard"``:
-            Flax defaults (truncated-normal fan-in kernels, zero-initialised biases).
+            Flax defaults (truncated-normal fan-in kernels, zero-initialised biases);
+            ``"paper"``: the paper's training initialisation, theory init except
+            ``W_Q, W_K ~ N(0, n^{-3/2})``; needs ``temperature="standard"`` (``tau = tau0
+            sqrt(n_k)``), which then equals the shaped temperature at ``W ~ N(0, 1/n)``.
         ln_eps: LayerNorm epsilon, shared by the module LayerNorm and
             :func:`shaped_attn.functional.layer_norm`.
         param_dtype: dtype of the parameters (``"float64"`` for theory comparisons).
+        lam: residual weight of the skip path of the shaped / unshaped kinds; ``None``:
+            ``sqrt(1 - gamma^2)``.
+        learn: knobs (:data:`KNOBS`) that are ``nnx.Param`` s, one per layer, initialised at
+            their configured value and trained with the other weights.
+        schedule: :class:`Ramp` s of knobs that follow the training step; the modules take
+            their values as ``schedule=scheduled_values(cfg, step)``.
     """
 
     attention: AttentionConfig
@@ -174,6 +217,9 @@ class BlockConfig:
     init: str = "theory"
     ln_eps: float = 1e-6
     param_dtype: Any = "float32"
+    lam: Optional[float] = None
+    learn: tuple[str, ...] = ()
+    schedule: tuple[Ramp, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.attention, AttentionConfig):
@@ -195,6 +241,44 @@ class BlockConfig:
         if self.ln_eps <= 0:
             raise ValueError(f"ln_eps={self.ln_eps!r} must be > 0")
         _float_dtype("param_dtype", self.param_dtype)
+        if self.init == "paper" and self.attention.temperature != "standard":
+            raise ValueError(
+                "init='paper' draws W_Q, W_K with variance n^{-3/2} and needs "
+                f"temperature='standard' (got {self.attention.temperature!r})"
+            )
+        if self.lam is not None:
+            _finite("lam", self.lam)
+        self._check_knobs()
+
+    def _check_knobs(self) -> None:
+        object.__setattr__(self, "learn", tuple(self.learn))
+        object.__setattr__(self, "schedule", tuple(self.schedule))
+        for name in self.learn:
+            _choice("learn", name, KNOBS)
+        for ramp in self.schedule:
+            if not isinstance(ramp, Ramp):
+                raise ValueError(f"schedule entry {ramp!r} must be a Ramp")
+        varied = self.learn + self.scheduled
+        twice = sorted({k for k in varied if varied.count(k) > 1})
+        if twice:
+            raise ValueError(f"knobs {twice} are learned or scheduled more than once")
+        needs = {"g1": self.has_attention, "g2": self.has_attention, "s_minus": self.has_mlp,
+                 "lam": not self.layer_norm}
+        bad = [k for k in varied if not needs.get(k, True)]
+        if self.lam is not None and self.layer_norm:
+            bad.append("lam")
+        if bad:
+            raise ValueError(
+                f"knobs {sorted(set(bad))} do not exist in this block (kind={self.kind!r}, "
+                f"sublayers={self.sublayers!r}): g1, g2 need attention, s_minus an MLP, lam no LN"
+            )
+        if self.attention.activation == "shaped_softmax" and {"g1", "g2"} & set(varied):
+            raise ValueError("activation='shaped_softmax' has fixed gains; use 'softmax' to vary g1, g2")
+
+    @property
+    def scheduled(self) -> tuple[str, ...]:
+        """Names of the scheduled knobs, in ``schedule`` order."""
+        return tuple(r.knob for r in self.schedule)
 
     @property
     def width(self) -> int:
@@ -321,15 +405,17 @@ def shaped_config(
     ``"no_centre"`` (centre gain 0), ``"no_identity"`` (identity gain 0) or ``"no_sqrt_n"``
     (``tau = tau0 sqrt(n_k)``). Other keyword arguments go to :class:`BlockConfig`
     (``causal``, ``query_init`` are accepted here and go to the attention config).
+    With ``init="paper"`` the temperature is ``tau0 sqrt(n_k)`` (the paper's training form).
     """
     _choice("ablation", ablation, ABLATIONS)
+    standard_tau = ablation == "no_sqrt_n" or block_kwargs.get("init") == "paper"
     attention_kwargs = {k: block_kwargs.pop(k) for k in ("causal", "query_init") if k in block_kwargs}
     attention = AttentionConfig(
         width=width,
         num_heads=num_heads,
         head_dim=head_dim,
         activation=activation,
-        temperature="standard" if ablation == "no_sqrt_n" else "shaped",
+        temperature="standard" if standard_tau else "shaped",
         tau0=tau0,
         identity_gain=0.0 if ablation == "no_identity" else 1.0,
         centre_gain=0.0 if ablation == "no_centre" else 1.0,
@@ -395,3 +481,13 @@ def post_ln_config(
     """Post-LN Transformer layer: ``LN(x + Att(x))``, then ``LN(. + MLP(.))``."""
     attention = _plain_attention(width, num_heads, head_dim, out_proj, activation, tau0, block_kwargs)
     return BlockConfig(attention=attention, kind="post_ln", shaped_relu=False, **block_kwargs)
+
+
+def recover_schedule(steps: int) -> tuple[Ramp, ...]:
+    """The paper's "recover" shaping: g1, g2 and s_minus go linearly to 0 over ``steps``.
+
+    On a :func:`shaped_config` block with ``c_plus = 0`` (``s_plus = 1``) the block is then
+    exactly the :func:`unshaped_config` one (plain attention, standard ReLU, the same
+    residual ``lam, gamma``): a Transformer without LayerNorm.
+    """
+    return tuple(Ramp(knob, 0.0, steps) for knob in RECOVER_KNOBS)

@@ -19,7 +19,7 @@ fresh Gaussian ``W`` (the Gram sampler of spec section 4) can replace a weight m
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ from .config import AttentionConfig, BlockConfig
 
 Array = jax.Array
 Map = Callable[[Array], Array]
+Scalar = Union[float, Array]
 
 
 class BlockMaps(NamedTuple):
@@ -59,6 +60,21 @@ class BlockMaps(NamedTuple):
     scores: Optional[Map] = None
 
 
+class Knobs(NamedTuple):
+    """The block scalars of :data:`shaped_attn.config.KNOBS`: Python floats when fixed, 0-d
+    arrays when learned or scheduled (then jit traces them, so their values never recompile).
+
+    ``A = g1 I + act(Y / tau) - g2 C``; MLP slopes ``(s_plus, s_minus)``; residual
+    ``lam X + gamma f(X)`` (``X + gamma f(LN(X))`` etc. with LN, where ``lam`` is unused).
+    """
+
+    g1: Scalar
+    g2: Scalar
+    s_minus: Scalar
+    lam: Scalar
+    gamma: Scalar
+
+
 # ------------------------------------------------------------------------ scalar formulas
 
 
@@ -80,22 +96,58 @@ def block_relu_slopes(cfg: BlockConfig) -> tuple[float, float]:
 
 
 def residual_gains(cfg: BlockConfig) -> tuple[float, float]:
-    """``(lam, gamma)``: ``(sqrt(1 - gamma^2), gamma)`` without LN, ``(1, gamma)`` with LN."""
+    """``(lam, gamma)``: ``(sqrt(1 - gamma^2), gamma)`` without LN (``lam`` when the config
+    sets it), ``(1, gamma)`` with LN."""
     if cfg.layer_norm:
         return 1.0, cfg.gamma
-    return math.sqrt(1.0 - cfg.gamma**2), cfg.gamma
+    lam = math.sqrt(1.0 - cfg.gamma**2) if cfg.lam is None else cfg.lam
+    return lam, cfg.gamma
+
+
+def configured_knobs(cfg: BlockConfig) -> Knobs:
+    """The configured values of the knobs: fixed values, learned knobs' initial values and the
+    ramps' starting values."""
+    lam, gamma = residual_gains(cfg)
+    att = cfg.attention
+    return Knobs(att.identity_gain, att.centre_gain, block_relu_slopes(cfg)[1], lam, gamma)
+
+
+def scheduled_values(cfg: BlockConfig, step) -> dict[str, Array]:
+    """Values of the scheduled knobs at training ``step`` (a traced integer is fine).
+
+    Each :class:`~shaped_attn.config.Ramp` gives ``(1 - t) start + t end`` with
+    ``t = clip(step / steps, 0, 1)``: exactly ``start`` at step 0 and exactly ``end`` from
+    step ``steps`` on.
+    """
+    start = configured_knobs(cfg)._asdict()
+    out = {}
+    for ramp in cfg.schedule:
+        t = jnp.clip(jnp.asarray(step, jnp.result_type(float)) / ramp.steps, 0.0, 1.0)
+        out[ramp.knob] = (1 - t) * start[ramp.knob] + t * ramp.end
+    return out
+
+
+def _sqrt(x: Scalar) -> Scalar:
+    """``math.sqrt`` for Python numbers (fixed knobs keep their float arithmetic), else jnp."""
+    return math.sqrt(x) if isinstance(x, (int, float)) else jnp.sqrt(x)
+
+
+def _is_zero(x: Scalar) -> bool:
+    """True only for a Python number equal to 0 (an array gain always counts as present)."""
+    return isinstance(x, (int, float)) and x == 0
 
 
 # ------------------------------------------------------------------- elementwise formulas
 
 
-def shaped_relu(x: Array, s_plus: float = 1.0, s_minus: float = 0.0) -> Array:
+def shaped_relu(x: Array, s_plus: Scalar = 1.0, s_minus: Scalar = 0.0) -> Array:
     """``sqrt(c) * (s_plus max(x, 0) + s_minus min(x, 0))``, ``c = 2 / (s_plus^2 + s_minus^2)``.
 
     ``E[out^2] = 1`` for ``x ~ N(0, 1)``. The defaults are the standard ReLU times sqrt(2).
+    The slopes may be 0-d arrays (learned or scheduled).
     """
     c = 2.0 / (s_plus**2 + s_minus**2)
-    return math.sqrt(c) * (s_plus * jnp.maximum(x, 0) + s_minus * jnp.minimum(x, 0))
+    return _sqrt(c) * (s_plus * jnp.maximum(x, 0) + s_minus * jnp.minimum(x, 0))
 
 
 def layer_norm(x: Array, eps: float) -> Array:
@@ -142,27 +194,34 @@ def attention_weights(
     *,
     mask: Optional[Array] = None,
     score_bias: Optional[Array] = None,
-) -> Array:
-    """``A = identity_gain I + act(q k^T / tau + score_bias) - centre_gain C``.
+    gains: Optional[tuple[Scalar, Scalar]] = None,
+    return_activation: bool = False,
+):
+    """``A = g1 I + act(q k^T / tau + score_bias) - g2 C`` (Noci et al., Eq. 4 with gains).
 
     Arguments:
         qk: ``[..., H, m, m]``, the per-head products ``q_h k_h^T``.
         mask: boolean, broadcastable to ``[..., H, m, m]`` (True = attend).
         score_bias: additive bias broadcastable to ``[..., H, m, m]`` (e.g. a learned
             relative position bias), added after the temperature.
+        gains: ``(g1, g2)``, floats or 0-d arrays; ``None``: the config's
+            ``(identity_gain, centre_gain)``.
+        return_activation: also return ``act(...)`` before the shaping step.
 
-    Returns ``[..., H, m, m]``; the shaping step is skipped when both gains are 0.
+    Returns ``A: [..., H, m, m]`` (and the activation's weights); the shaping step is skipped
+    when both gains are the number 0. ``C`` is :func:`activations.centring_matrix` (``1/i``
+    on row i under a causal mask).
     """
+    g1, g2 = (cfg.identity_gain, cfg.centre_gain) if gains is None else gains
     scores = qk / temperature(cfg)
     if score_bias is not None:
         scores = scores + jnp.broadcast_to(score_bias, scores.shape)
     mask = attention_mask(cfg, scores.shape, mask)
-    weights = activations.resolve(cfg.activation)(scores, mask)
-    if cfg.shaped:
-        weights = activations.shape(
-            weights, mask, identity=cfg.identity_gain, centre=cfg.centre_gain
-        )
-    return weights
+    probs = activations.resolve(cfg.activation)(scores, mask)
+    weights = probs
+    if not (_is_zero(g1) and _is_zero(g2)):
+        weights = activations.shape(probs, mask, identity=g1, centre=g2)
+    return (weights, probs) if return_activation else weights
 
 
 def attention_apply(
@@ -176,15 +235,20 @@ def attention_apply(
     scores: Optional[Map] = None,
     mask: Optional[Array] = None,
     score_bias: Optional[Array] = None,
-    return_weights: bool = False,
+    gains: Optional[tuple[Scalar, Scalar]] = None,
+    return_weights: bool | str = False,
 ):
     """Multi-head self-attention of ``x: [..., m, n]`` (see :class:`BlockMaps` for the maps).
 
     Per head h: ``O_h = A_h (X W_V,h)``. With ``cfg.out_proj`` the heads are concatenated and
     passed through ``output``; without it they are summed with weight ``1/sqrt(H)``.
+    ``gains`` are the shaping gains ``(g1, g2)`` of :func:`attention_weights`.
 
-    Returns ``out: [..., m, n]``, and ``weights: [..., H, m, m]`` if ``return_weights``.
+    Returns ``out: [..., m, n]``, and with ``return_weights`` the weights ``[..., H, m, m]``:
+    ``A`` (True) or the activation's output before the shaping step (``"activation"``).
     """
+    if return_weights not in (False, True, "activation"):
+        raise ValueError(f"return_weights={return_weights!r} must be a bool or 'activation'")
     heads, dk, dv = cfg.num_heads, cfg.head_dim, cfg.value_dim
     batch_m = x.shape[:-1]
     if scores is None:
@@ -196,7 +260,9 @@ def attention_apply(
     else:
         raise ValueError("give either a scores map or query and key maps, not both")
     v = value(x).reshape(*batch_m, heads, dv)
-    weights = attention_weights(cfg, qk, mask=mask, score_bias=score_bias)
+    weights, probs = attention_weights(
+        cfg, qk, mask=mask, score_bias=score_bias, gains=gains, return_activation=True
+    )
     o = jnp.einsum("...hqk,...khd->...qhd", weights, v)
     if cfg.out_proj:
         if output is None:
@@ -206,13 +272,18 @@ def attention_apply(
         if output is not None:
             raise ValueError("out_proj=False takes no output map (got one)")
         out = o.sum(axis=-2) / math.sqrt(heads)
-    return (out, weights) if return_weights else out
+    if not return_weights:
+        return out
+    return out, (probs if return_weights == "activation" else weights)
 
 
-def mlp_apply(cfg: BlockConfig, x: Array, *, mlp_in: Map, mlp_out: Map) -> Array:
-    """``mlp_out(sqrt(c) sigma_s(mlp_in(x)))`` with the block's ReLU slopes."""
-    s_plus, s_minus = block_relu_slopes(cfg)
-    return mlp_out(shaped_relu(mlp_in(x), s_plus, s_minus))
+def mlp_apply(
+    cfg: BlockConfig, x: Array, *, mlp_in: Map, mlp_out: Map, s_minus: Optional[Scalar] = None
+) -> Array:
+    """``mlp_out(sqrt(c) sigma_s(mlp_in(x)))`` with the block's ReLU slopes (``s_minus``
+    replaces the configured negative slope when given)."""
+    s_plus, configured = block_relu_slopes(cfg)
+    return mlp_out(shaped_relu(mlp_in(x), s_plus, configured if s_minus is None else s_minus))
 
 
 def block_apply(
@@ -222,7 +293,8 @@ def block_apply(
     maps: BlockMaps,
     mask: Optional[Array] = None,
     score_bias: Optional[Array] = None,
-    return_attention: bool = False,
+    knobs: Optional[Knobs] = None,
+    return_attention: bool | str = False,
 ):
     """One layer (spec/sde.md section 1 and its baselines) on ``x: [..., m, n]``.
 
@@ -230,11 +302,13 @@ def block_apply(
     pre_ln: ``Z = X + gamma Att(LN(X))``, ``X' = Z + gamma MLP(LN(Z))``;
     post_ln: ``Z = LN(X + gamma Att(X))``, ``X' = LN(Z + gamma MLP(Z))``;
     with ``lam = sqrt(1 - gamma^2)``. A sub-block left out by ``cfg.sublayers`` is the identity.
+    ``knobs`` (default :func:`configured_knobs`) gives g1, g2, s_minus, lam, gamma.
 
     Returns ``x'``, and the attention matrix ``[..., H, m, m]`` (``None`` without an
-    attention sub-block) if ``return_attention``.
+    attention sub-block) if ``return_attention`` (``"activation"``: before the shaping step).
     """
-    lam, gamma = residual_gains(cfg)
+    knobs = configured_knobs(cfg) if knobs is None else knobs
+    lam, gamma = knobs.lam, knobs.gamma
     if not cfg.layer_norm and (maps.norm_attn is not None or maps.norm_mlp is not None):
         raise ValueError(f"kind={cfg.kind!r} has no LayerNorm, but norm maps were given")
     norm_attn = maps.norm_attn or (lambda h: layer_norm(h, cfg.ln_eps))
@@ -255,11 +329,12 @@ def block_apply(
             out, weights = attention_apply(
                 cfg.attention, h, query=maps.query, key=maps.key, value=maps.value,
                 output=maps.output, scores=maps.scores, mask=mask, score_bias=score_bias,
-                return_weights=True,
+                gains=(knobs.g1, knobs.g2), return_weights=return_attention or True,
             )
             return out
 
         x = residual(x, attn, norm_attn)
     if cfg.has_mlp:
-        x = residual(x, lambda h: mlp_apply(cfg, h, mlp_in=maps.mlp_in, mlp_out=maps.mlp_out), norm_mlp)
+        mlp = lambda h: mlp_apply(cfg, h, mlp_in=maps.mlp_in, mlp_out=maps.mlp_out, s_minus=knobs.s_minus)
+        x = residual(x, mlp, norm_mlp)
     return (x, weights) if return_attention else x

@@ -8,7 +8,7 @@ graphdef/state: compile time does not grow with depth.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -55,13 +55,16 @@ class Stack(nnx.Module):
         mask: Optional[jax.Array] = None,
         *,
         score_bias: Optional[jax.Array] = None,
+        schedule: Optional[Mapping[str, jax.Array]] = None,
         return_hidden: bool = False,
-        return_attention: bool = False,
+        return_attention: bool | str = False,
     ):
         """Apply the blocks to ``x: [..., m, n]``.
 
-        ``mask`` / ``score_bias`` are shared by all layers. Returns ``x_depth`` when no
-        ``return_*`` flag is set, otherwise a :class:`StackOutput`.
+        ``mask`` / ``score_bias`` / ``schedule`` (scheduled knob values,
+        :func:`functional.scheduled_values`) are shared by all layers. Returns ``x_depth``
+        when no ``return_*`` flag is set, otherwise a :class:`StackOutput`
+        (``return_attention="activation"``: attention weights before the shaping step).
 
         The scan reads the layers' state and does not write it back: fine for parameters;
         a block with mutable state (dropout RNG counters, running statistics) would need the
@@ -71,7 +74,8 @@ class Stack(nnx.Module):
 
         def step(h, layer_state):
             layer = nnx.merge(graphdef, layer_state)
-            h, att = layer(h, mask, score_bias=score_bias, return_attention=True)
+            h, att = layer(h, mask, score_bias=score_bias, schedule=schedule,
+                           return_attention=return_attention or True)
             return h, (h if return_hidden else None, att if return_attention else None)
 
         out, (hidden, attention) = jax.lax.scan(step, x, state)
@@ -137,7 +141,8 @@ class CausalLM(nnx.Module):
     """Tokens ``[B, L]`` (ints < vocab_size, ``L <= max_len``) -> logits ``[B, L, vocab]``.
 
     Embedding (+ learned positions) -> causally masked :class:`Stack` -> (LayerNorm) ->
-    linear head. The causal mask is always applied.
+    linear head. The causal mask is always applied; shaped attention centres row i over its
+    i visible keys (``C_ij = 1/i``, :func:`shaped_attn.activations.centring_matrix`).
     """
 
     def __init__(self, cfg: CausalLMConfig, *, rngs: nnx.Rngs):
@@ -153,14 +158,25 @@ class CausalLM(nnx.Module):
         self.norm = layer_norm_module(block, rngs=rngs) if cfg.final_norm else None
         self.head = dense(n, cfg.vocab_size, init="standard", param_dtype=dtype, rngs=rngs)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        schedule: Optional[Mapping[str, jax.Array]] = None,
+        return_attention: bool | str = False,
+    ):
+        """Logits ``[B, L, vocab]``; with ``return_attention`` also the :class:`StackOutput`
+        (attention ``[depth, B, H, L, L]``). ``schedule``: see :meth:`Stack.__call__`."""
         length = tokens.shape[-1]
         if length > self.cfg.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len={self.cfg.max_len}")
         h = self.embed(tokens)
         if self.pos is not None:
             h = h + jnp.broadcast_to(self.pos[:length], h.shape)
-        h = self.stack(h, functional.causal_mask(length))
+        res = self.stack(h, functional.causal_mask(length), schedule=schedule,
+                         return_attention=return_attention)
+        h = res.output if return_attention else res
         if self.norm is not None:
             h = self.norm(h)
-        return self.head(h)
+        logits = self.head(h)
+        return (logits, res) if return_attention else logits

@@ -2,8 +2,9 @@
 
 Every file is written to a temporary name in the same directory and renamed into place
 (``os.replace`` is atomic on POSIX), so an interrupted run never leaves a half-written file.
-Finished chunks are kept under ``chunks/``; rerunning with the same config resumes from them.
-A directory holding a run with a different config is refused unless ``overwrite=True``.
+Finished chunks (arrays as ``.npz``, records as ``.json``) are kept under ``chunks/``;
+rerunning with the same config resumes from them. A directory holding a run with a
+different config is refused unless ``overwrite=True``.
 Results are read back with ``allow_pickle=False`` and JSON only: nothing executes data.
 """
 
@@ -14,11 +15,12 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -102,9 +104,12 @@ class RunDir:
         config: the resolved run config (JSON-able); stored in ``config.json`` with
             :func:`environment`.
         overwrite: discard a previous run with a different config instead of refusing.
+        outputs: file names (or glob patterns) of a finished run's outputs, deleted with its
+            chunks when ``overwrite`` discards it: no result of the old config is left beside
+            the new config.
     """
 
-    def __init__(self, path, config: dict, *, overwrite: bool = False):
+    def __init__(self, path, config: dict, *, overwrite: bool = False, outputs: Sequence[str] = ()):
         self.path = Path(path)
         self.config = _jsonable(config)
         stored = self.path / "config.json"
@@ -121,6 +126,10 @@ class RunDir:
                         f"(differs in: {', '.join(changed)}); pass --overwrite or choose another --out"
                     )
                 shutil.rmtree(self.path / "chunks", ignore_errors=True)
+                for path in [p for pattern in outputs for p in self.path.glob(pattern)]:
+                    path.unlink(missing_ok=True)
+        for tmp in [*self.path.glob(".*.tmp"), *self.path.glob("chunks/.*.tmp")]:  # left by a kill
+            tmp.unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(stored, {"config": self.config, "environment": environment()})
 
@@ -134,6 +143,20 @@ class RunDir:
 
     def save_chunk(self, name: str, index: int, **arrays: np.ndarray) -> None:
         atomic_write_npz(self._chunk_path(name, index), **arrays)
+
+    def _record_path(self, name: str) -> Path:
+        if not re.fullmatch(r"[\w.+-]+", name):
+            raise ValueError(f"record name {name!r} may only hold letters, digits and _ . + -")
+        return self.path / "chunks" / f"{name}.json"
+
+    def load_record(self, name: str) -> Optional[Any]:
+        """A finished JSON record (one work unit), or ``None`` if it has not been written yet."""
+        p = self._record_path(name)
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def save_record(self, name: str, obj: Any) -> None:
+        """Atomically write one work unit's JSON record (NaN or inf raise)."""
+        atomic_write_json(self._record_path(name), obj)
 
     def write_json(self, name: str, obj: Any) -> Path:
         p = self.path / name

@@ -61,6 +61,8 @@ class TrainConfig:
         log_every: fetch and average training metrics every this many steps (and at the end).
         eval_every: evaluate every this many steps; 0: only at the end.
         seed: seed of the per-step keys passed to the loss (dropout, sampling).
+        max_loss: a logged training loss above this counts as diverged (exploding), like a
+            non-finite one; ``None``: only non-finite losses do.
     """
 
     steps: int = 1000
@@ -76,6 +78,7 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 0
     seed: int = 0
+    max_loss: Optional[float] = None
 
     def __post_init__(self):
         for name in ("steps", "log_every"):
@@ -94,10 +97,12 @@ class TrainConfig:
             raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             raise ValueError(f"grad_clip_norm={self.grad_clip_norm!r} must be > 0 or None")
+        if self.max_loss is not None and not (self.max_loss > 0 and math.isfinite(self.max_loss)):
+            raise ValueError(f"max_loss={self.max_loss!r} must be a positive number or None")
 
     def optimiser_fields(self) -> "TrainConfig":
         """This config with the fields that do not affect the compiled step reset."""
-        return dataclasses.replace(self, log_every=1, eval_every=0, seed=0)
+        return dataclasses.replace(self, log_every=1, eval_every=0, seed=0, max_loss=None)
 
 
 def make_schedule(config: TrainConfig) -> optax.Schedule:
@@ -243,7 +248,7 @@ class TrainResult:
         final_train: the last logging interval's training metrics.
         wall_time_s: seconds spent in the loop, compilation included (for an ensemble, the
             time of the whole ensemble).
-        diverged: True when a logged training loss was not finite.
+        diverged: True when a logged training loss was not finite or above ``max_loss``.
     """
 
     model: nnx.Module
@@ -283,7 +288,7 @@ def train(
 
     Returns:
         a :class:`TrainResult`. Training stops early (``diverged=True``) when a logged loss
-        is not finite.
+        is not finite or exceeds ``config.max_loss``.
     """
     return _train([model], loss_fn, [train_batches], [config.seed], config, eval_fn=eval_fn,
                   eval_batches=eval_batches, progress=progress, callback=callback,
@@ -398,6 +403,8 @@ def _train(models, loss_fn, train_batches, seeds, config, *, eval_fn, eval_batch
                     callback(*((i, record) if ensemble else (record,)))
             loss = np.atleast_1d(last_train["loss"])
             diverged |= ~np.isfinite(loss)
+            if config.max_loss is not None:
+                diverged |= loss > config.max_loss
             if bar is not None:
                 bar.set_postfix(loss=np.array2string(loss, precision=4, separator=","))
         if bar is not None:
