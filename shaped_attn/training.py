@@ -101,8 +101,10 @@ class TrainConfig:
             raise ValueError(f"max_loss={self.max_loss!r} must be a positive number or None")
 
     def optimiser_fields(self) -> "TrainConfig":
-        """This config with the fields that do not affect the compiled step reset."""
-        return dataclasses.replace(self, log_every=1, eval_every=0, seed=0, max_loss=None)
+        """This config with the fields that do not affect the compiled step reset (the peak
+        learning rate is an argument of the step: a learning-rate sweep compiles once)."""
+        return dataclasses.replace(self, learning_rate=1.0, log_every=1, eval_every=0, seed=0,
+                                   max_loss=None)
 
 
 def make_schedule(config: TrainConfig) -> optax.Schedule:
@@ -142,11 +144,15 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 @functools.lru_cache(maxsize=128)
 def _compiled_step(graphdef, loss_fn: LossFn, opt_config: TrainConfig, ensemble: bool):
-    """The jitted step and optimiser-state init, cached per (graph, loss, optimiser)."""
+    """The jitted step and optimiser-state init, cached per (graph, loss, optimiser).
+
+    ``opt_config`` has peak learning rate 1; the step multiplies the optimiser's updates by
+    its argument ``peak_lr`` (the last transformation is linear in the learning rate, so this
+    is :func:`make_optimizer` at that rate)."""
     tx = make_optimizer(opt_config)
     schedule = make_schedule(opt_config)
 
-    def step(params, rest, opt_state, batch, base_key, step_idx):
+    def step(params, rest, opt_state, batch, base_key, step_idx, peak_lr):
         key = jax.random.fold_in(base_key, step_idx)
         model = nnx.merge(graphdef, params, rest)
 
@@ -157,17 +163,17 @@ def _compiled_step(graphdef, loss_fn: LossFn, opt_config: TrainConfig, ensemble:
         (loss, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
         new_rest = nnx.state(model, nnx.Not(nnx.Param))
         updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params = optax.apply_updates(params, jax.tree.map(lambda u: peak_lr * u, updates))
         metrics = {
             **metrics,
             "loss": loss,
             "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
-            "lr": schedule(step_idx),
+            "lr": peak_lr * schedule(step_idx),
         }
         return params, new_rest, opt_state, metrics
 
     if ensemble:  # independent models along a leading axis; the step index is shared
-        step = jax.vmap(step, in_axes=(0, 0, 0, 0, 0, None))
+        step = jax.vmap(step, in_axes=(0, 0, 0, 0, 0, None, None))
         init = jax.jit(jax.vmap(tx.init))
     else:
         init = jax.jit(tx.init)
@@ -352,6 +358,7 @@ def _train(models, loss_fn, train_batches, seeds, config, *, eval_fn, eval_batch
         _, params, rest = splits[0]
         base_key = jax.random.PRNGKey(seeds[0])
     opt_state = init(params)
+    peak_lr = jnp.asarray(config.learning_rate, jax.tree.leaves(params)[0].dtype)
     n_models = len(models)
 
     def run_eval():
@@ -378,7 +385,7 @@ def _train(models, loss_fn, train_batches, seeds, config, *, eval_fn, eval_batch
             raise ValueError(f"train_batches ran out after {step - 1} of {config.steps} steps") from None
         batch = jax.tree.map(lambda *xs: np.stack(xs), *batch) if ensemble else batch[0]
         params, rest, opt_state, metrics = step_fn(
-            params, rest, opt_state, batch, base_key, jnp.asarray(step - 1, jnp.int32)
+            params, rest, opt_state, batch, base_key, jnp.asarray(step - 1, jnp.int32), peak_lr
         )
         pending.append(metrics)
         log_now = step % config.log_every == 0 or step == config.steps
