@@ -1,9 +1,12 @@
-"""Finite-network Monte Carlo speed: gram sampler, vmapped real weights, per-sample loop.
+"""Finite-network Monte Carlo speed: gram and reduced samplers, vmapped real weights, per-sample loop.
 
 Unit: **samples x layers per second** (one layer = attention + MLP sub-block of the shaped
 Transformer of spec/sde.md section 1, float32, m tokens, width n, key width n_k = n).
 
 * ``gram``: ``sde.FiniteSampler(..., sampler="gram")``, one compiled chunk of ``S`` samples.
+* ``reduced``: the same with ``sampler="reduced"`` (residual stream on the ~3m features in use,
+  exact in law; blocks without LayerNorm), same ``S``; ``ratios.finite_reduced_vs_gram``.
+  ``fig1_settings``: both at the main job's Fig. 1 size (m 3, width 200, depth 150).
 * ``weights``: ``sde.FiniteSampler(..., sampler="weights")``: real ``shaped_attn`` Block
   modules with theory init built inside ``jax.vmap`` over sample keys, one layer's weights at a
   time in a ``lax.scan``.
@@ -189,6 +192,9 @@ def run(quick: bool = False, log=print, smoke: bool = False) -> dict:
     t0 = time.perf_counter()
     out["gram"] = sampler_rate("gram", width=n, depth=d, m=m, samples=32 if quick else 128, repeats=reps)
     log(f"  gram    n={n} d={d}: {out['gram']['samples_layers_per_s']:.4g} samples*layers/s")
+    out["reduced"] = sampler_rate("reduced", width=n, depth=d, m=m, samples=32 if quick else 128, repeats=reps)
+    log(f"  reduced n={n} d={d}: {out['reduced']['samples_layers_per_s']:.4g} samples*layers/s "
+        f"({out['reduced']['samples_layers_per_s'] / out['gram']['samples_layers_per_s']:.2f}x gram)")
     # quick: no warm-up call for the two slow ones (each call is many seconds; the executable is
     # compiled ahead of time, so a first call only adds buffer allocation)
     out["weights"] = sampler_rate("weights", width=n, depth=d, m=m, samples=2 if quick else 4,
@@ -202,6 +208,13 @@ def run(quick: bool = False, log=print, smoke: bool = False) -> dict:
         out["quick_note"] = ("quick mode keeps width 1024, m 8, depth 64 and reduces samples per call "
                              "(gram 32, weights 2, loop 2), repeats (gram 2, weights 1, loop 1) and "
                              "skips the warm-up call of weights and loop (compiled ahead of time)")
+
+    fig1 = dict(width=64, depth=4, m=3) if smoke else dict(width=200, depth=150, m=3)
+    S1 = 8 if smoke else 256 if quick else 1024
+    out["fig1_settings"] = {s: sampler_rate(s, **fig1, samples=S1, repeats=reps) for s in ("gram", "reduced")}
+    f1 = {s: r["samples_layers_per_s"] for s, r in out["fig1_settings"].items()}
+    log(f"  fig1 size (m {fig1['m']}, n {fig1['width']}, d {fig1['depth']}, S {S1}): gram {f1['gram']:.4g}, reduced {f1['reduced']:.4g} "
+        f"samples*layers/s ({f1['reduced'] / f1['gram']:.2f}x)")
 
     out["matmul_peak"] = matmul_peak(256 if smoke else 2048 if quick else 4096)
     out["rng"] = rng_throughput(1 << 16 if smoke else 1 << 22)
@@ -243,7 +256,9 @@ def run(quick: bool = False, log=print, smoke: bool = False) -> dict:
 
     g, w, lp = (out[k]["samples_layers_per_s"] for k in ("gram", "weights", "loop"))
     out["ratios"] = {"finite_gram_vs_weights": g / w, "finite_weights_vs_loop": w / lp,
-                     "finite_gram_vs_loop": g / lp}
+                     "finite_gram_vs_loop": g / lp,
+                     "finite_reduced_vs_gram": out["reduced"]["samples_layers_per_s"] / g,
+                     "finite_reduced_vs_gram_fig1": f1["reduced"] / f1["gram"]}
     return out
 
 

@@ -66,7 +66,7 @@ class RunConfig:
     samples: int = 2048
     sde_paths: int = 4096
     dt: float = 0.01
-    sampler: str = "gram"
+    sampler: str = "auto"  # the fastest exact sampler: "reduced" without LayerNorm, else "gram"
     variants: tuple = ()
     gammas: tuple = ()
     tau0s: tuple = ()

@@ -50,16 +50,25 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+VARIANTS["no_centre"] = functools.partial(mc.shaped_config, gamma=0.5, ablation="no_centre")
+VARIANTS["shaped_out_proj_2_heads"] = functools.partial(mc.shaped_config, gamma=0.5, out_proj=True, num_heads=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _last_layer(variant: str, sampler: str, seed: int) -> np.ndarray:
+    """``V`` at the last layer of 1500 networks (width 24, depth 6), shared between tests."""
+    r = finite.simulate_finite(V0, VARIANTS[variant], width=24, depth=6, num_samples=1500,
+                               key=jax.random.key(seed), sampler=sampler)
+    assert not r.stopped.any()
+    return r.V[:, -1]
+
+
+@pytest.mark.parametrize("variant", ["shaped", "unshaped", "pre_ln"])
 def test_gram_and_weights_samplers_agree_in_distribution(variant):
     # Two independent Monte Carlo runs of the same network: two-sample KS tests on rho_12 and
     # on V entries at the last layer. With these fixed seeds a sampler that got a scale or a
     # map wrong fails by orders of magnitude in p-value (see the negative control below).
-    kw = dict(width=24, depth=6, num_samples=1500)
-    g = finite.simulate_finite(V0, VARIANTS[variant], key=jax.random.key(1), sampler="gram", **kw)
-    w = finite.simulate_finite(V0, VARIANTS[variant], key=jax.random.key(2), sampler="weights", **kw)
-    assert not g.stopped.any() and not w.stopped.any()
-    last_g, last_w = g.V[:, -1], w.V[:, -1]
+    last_g, last_w = _last_layer(variant, "gram", 1), _last_layer(variant, "weights", 2)
     for name, a, b in [
         ("rho12", np.asarray(correlation(last_g))[:, 0, 1], np.asarray(correlation(last_w))[:, 0, 1]),
         ("V11", last_g[:, 0, 0], last_w[:, 0, 0]),
@@ -172,3 +181,76 @@ def test_bartlett_scores_have_the_law_of_explicit_products():
         assert stats.ks_2samp(a[:, i, j], b[:, i, j]).pvalue > 1e-4, (i, j)
     gauss = np.random.default_rng(0).normal(size=draws) * a[:, 0, 0].std()
     assert stats.ks_2samp(a[:, 0, 0], gauss).pvalue < 1e-6
+
+
+# ------------------------------------------------------------------------ reduced sampler
+
+
+@pytest.mark.parametrize("variant, against", [
+    ("shaped", ("gram", "weights")),
+    ("unshaped", ("gram", "weights")),
+    ("no_centre", ("gram", "weights")),
+    ("shaped_out_proj_2_heads", ("gram",)),
+])
+def test_reduced_sampler_agrees_in_distribution(variant, against):
+    # The KS checks of the gram-vs-weights test (p > 1e-4 with fixed seeds; the negative
+    # control above shows their power), the reduced sampler against the others' runs.
+    a = _last_layer(variant, "reduced", 3)
+    for other in against:
+        b = _last_layer(variant, other, {"gram": 1, "weights": 2}[other])
+        for name, x, y in [
+            ("rho12", np.asarray(correlation(a))[:, 0, 1], np.asarray(correlation(b))[:, 0, 1]),
+            ("V11", a[:, 0, 0], b[:, 0, 0]),
+            ("V12", a[:, 0, 1], b[:, 0, 1]),
+        ]:
+            p = stats.ks_2samp(x, y).pvalue
+            assert p > 1e-4, f"{variant} reduced vs {other} {name}: KS p-value {p:.2e}"
+
+
+def _shaped_relu_kernel(V, s_plus, s_minus):
+    """``E[sigma_s(u) sigma_s(v)]`` for ``(u, v) ~ N(0, V)`` entrywise (arc-cosine kernel)."""
+    d = np.sqrt(np.diag(V))
+    ab = np.outer(d, d)
+    theta = np.arccos(np.clip(V / ab, -1, 1))
+    j = ab * (np.sin(theta) + (np.pi - theta) * np.cos(theta)) / (2 * np.pi)  # E[u+ v+] = E[u- v-]
+    c = 2 / (s_plus**2 + s_minus**2)
+    return c * ((s_plus**2 + s_minus**2) * j + 2 * s_plus * s_minus * (V / 2 - j))
+
+
+def test_reduced_sampler_one_layer_mean_of_the_mlp_block():
+    # E[V_1] = lam^2 V_0 + gamma^2 K(V_0) exactly at any width, K the shaped-ReLU kernel (c_plus
+    # != 0 checks that the slopes are the width-n ones). Every entry within 5 standard errors.
+    # (The attention path's mean: test_zero_query_attention_keeps_the_mean_exactly.)
+    S, width, gamma = 16384, 16, 0.6
+    mlp = functools.partial(mc.shaped_config, gamma=gamma, sublayers="mlp", c_plus=0.5, c_minus=-1.0)
+    V1 = finite.simulate_finite(V0, mlp, width=width, depth=1, num_samples=S, key=KEY, sampler="reduced",
+                                chunk_size=S).V[:, 1]
+    s_plus, s_minus = 1 + 0.5 / np.sqrt(width), 1 - 1.0 / np.sqrt(width)
+    expected = (1 - gamma**2) * np.asarray(V0) + gamma**2 * _shaped_relu_kernel(np.asarray(V0), s_plus, s_minus)
+    z = (V1.mean(axis=0) - expected) / (V1.std(axis=0, ddof=1) / np.sqrt(S))
+    assert np.all(np.abs(z) < 5), z
+    assert V1[:, 0, 0].std() > 0.1  # the fluctuation is there
+
+
+def test_reduced_sampler_rejects_layer_norm_and_auto_picks():
+    with pytest.raises(ValueError, match="sampler='reduced' does not support this block: kind='pre_ln' has LayerNorm"):
+        finite.simulate_finite(V0, VARIANTS["pre_ln"], width=8, depth=2, num_samples=2, key=KEY, sampler="reduced")
+    pick = lambda config: finite.FiniteSampler(V0, config, width=8, depth=1, sampler="auto").sampler  # noqa: E731
+    assert pick(VARIANTS["pre_ln"]) == "gram"
+    assert pick(VARIANTS["shaped"]) == pick(VARIANTS["unshaped"]) == "reduced"
+
+
+def test_reduced_sampler_samples_depend_only_on_their_index():
+    # Samples 2, 3 computed in chunk [0, 4) and in chunk [2, 6): same fold_in(key, i) draws.
+    runner = finite.FiniteSampler(V0, VARIANTS["shaped"], width=16, depth=2, sampler="reduced")
+    np.testing.assert_allclose(runner.chunk(KEY, 0, 4)[2:], runner.chunk(KEY, 2, 6)[:2], rtol=1e-12)
+
+
+@pytest.mark.parametrize("proposals", [1, 4])
+def test_chi_square_law(proposals):
+    # proposals=1 makes repeat rounds (the while loop) frequent; df < 2 takes the boost path.
+    dfs = np.array([0.5, 1.0, 3.0, 197.0])
+    draw = jax.jit(jax.vmap(lambda k: finite.chi_square(k, dfs, (4,), jnp.float64, proposals=proposals)))
+    x = np.asarray(draw(jax.random.split(jax.random.key(7), 5000)))
+    for i, df in enumerate(dfs):
+        assert stats.kstest(x[:, i], stats.chi2(df).cdf).pvalue > 1e-4, df
