@@ -77,6 +77,35 @@ def check_activation(name: str, value: str) -> None:
         raise ValueError(f"{name}={value!r} is not a registered activation: {', '.join(activations.names())}")
 
 
+def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: Sequence[str] = (),
+                     element_types: dict | None = None) -> None:
+    """``--field-name`` for every field of the dataclass ``config_cls`` not in ``skip``, with
+    default ``None`` (= not given): booleans as ``--x/--no-x``, tuples as several values (of the
+    type of the default's first element, or ``element_types[name]``, else str)."""
+    element_types = element_types or {}
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
+        flag, kw = "--" + f.name.replace("_", "-"), dict(default=None, help=f"default {f.default!r}")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(f.default, tuple):
+            kind = element_types.get(f.name) or (type(f.default[0]) if f.default else str)
+            parser.add_argument(flag, nargs="+", type=kind, **kw)
+        else:
+            parser.add_argument(flag, type=type(f.default), **kw)
+
+
+def config_values(args: argparse.Namespace, config_cls, preset: dict) -> dict:
+    """``preset``, then every field flag that was given (lists as tuples without repeats)."""
+    values = dict(preset)
+    for f in dataclasses.fields(config_cls):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = tuple(dict.fromkeys(v)) if isinstance(v, list) else v
+    return values
+
+
 def cli(script: str, prepare: Callable, execute: Callable, argv=None) -> int:
     """Run a study script: ``prepare(argv)`` parses and checks every flag and opens the output
     folder before any work (a ValueError or OSError: one line on stderr, exit code 2); then
@@ -159,13 +188,18 @@ def load_units(run: rundir.RunDir, names: Sequence[str]) -> tuple[dict, dict, in
     return records, seconds, count
 
 
-def finish(run: rundir.RunDir, payload: dict, non_finite: int, seconds: dict, total_s: float) -> Path:
+def finish(run: rundir.RunDir, payload: dict, non_finite: int, seconds: dict, total_s: float,
+           table_md: str | None = None) -> Path:
     """Write ``results.json`` (deterministic: no timings; NaN become null and are counted in
-    ``non_finite_values``) and ``timings.json``."""
+    ``non_finite_values``), ``timings.json`` and, if given, ``table.md``; print where they are."""
     clean, count = nan_to_null(payload)
     clean["non_finite_values"] = non_finite + count
     run.write_json("timings.json", {"units_s": seconds, "total_s": total_s})
-    return run.write_json("results.json", clean)
+    if table_md is not None:
+        write_text(run.path / "table.md", table_md + "\n")
+    path = run.write_json("results.json", clean)
+    print(f"total wall time {total_s:.1f} s; results in {path}")
+    return path
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -282,27 +282,11 @@ def parse_args(argv=None):
                    help="configurations trained in parallel, one process each")
     p.add_argument("--only", action="store_true",
                    help="train only the names given with --activations (default: add them)")
-    for f in dataclasses.fields(CompareConfig):
-        kw = dict(default=None, help=f"default {f.default!r}")
-        if f.name == "activations":
-            p.add_argument("--activations", nargs="+", **kw)
-        elif f.name == "depths":
-            p.add_argument("--depths", nargs="+", type=int, **kw)
-        elif isinstance(f.default, bool):
-            p.add_argument("--" + f.name, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), **kw)
+    _common.add_config_flags(p, CompareConfig, element_types={"depths": int})
     args = p.parse_args(argv)
-    values = dict(QUICK) if args.quick else {}
-    for f in dataclasses.fields(CompareConfig):
-        v = getattr(args, f.name)
-        if v is None:
-            continue
-        if f.name == "activations":
-            v = tuple(dict.fromkeys(v if args.only else DEFAULT_ACTIVATIONS + tuple(v)))
-        elif f.name == "depths":
-            v = tuple(dict.fromkeys(v))
-        values[f.name] = v
+    values = _common.config_values(args, CompareConfig, QUICK if args.quick else {})
+    if args.activations is not None and not args.only:
+        values["activations"] = tuple(dict.fromkeys(DEFAULT_ACTIVATIONS + values["activations"]))
     return args, CompareConfig(**values)
 
 
@@ -379,15 +363,13 @@ def execute(args, cfg: CompareConfig, run) -> int:
     runs = [records[units[key]] for key in units]
     summary, table = summarise(runs, cfg)
     fig_paths = figures(runs, cfg, run.path)
+    print(table)
     _common.finish(run, {
         "script": "compare_activations", "config": dataclasses.asdict(cfg),
         "environment": _common.environment(), "runs": runs, "summary": summary, "table": table,
         "diverged_runs": sum(r["diverged"] for r in runs),
         "figures": [p.name for p in fig_paths],
-    }, non_finite, seconds, time.perf_counter() - t_start)
-    _common.write_text(run.path / "table.md", table + "\n")
-    print(table)
-    print(f"total wall time {time.perf_counter() - t_start:.1f} s; results in {run.path}/results.json")
+    }, non_finite, seconds, time.perf_counter() - t_start, table_md=table)
     return 0
 
 

@@ -396,18 +396,9 @@ def parse_args(argv=None):
                    help="discard a previous run with a different config in --out")
     p.add_argument("--quick", action="store_true", help=f"small preset: {QUICK}")
     p.add_argument("--workers", type=int, default=_common.default_workers())
-    for f in dataclasses.fields(FrobeniusConfig):
-        if isinstance(f.default, tuple):
-            p.add_argument("--" + f.name.replace("_", "-"), nargs="+", type=type(f.default[0]), default=None)
-        else:
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
+    _common.add_config_flags(p, FrobeniusConfig)
     args = p.parse_args(argv)
-    values = dict(QUICK) if args.quick else {}
-    for f in dataclasses.fields(FrobeniusConfig):
-        v = getattr(args, f.name)
-        if v is not None:
-            values[f.name] = tuple(dict.fromkeys(v)) if isinstance(v, list) else v
-    return args, FrobeniusConfig(**values)
+    return args, FrobeniusConfig(**_common.config_values(args, FrobeniusConfig, QUICK if args.quick else {}))
 
 
 def validate(cfg: FrobeniusConfig, workers: int) -> None:
@@ -465,12 +456,6 @@ def execute(args, cfg: FrobeniusConfig, run) -> int:
     fig_paths = figures(rand, adv, init_rows, runs, cfg, run.path)
     summary = summarise(rand, adv, runs, cfg)
     text = table(summary, cfg)
-    _common.finish(run, {
-        "script": "frobenius_norm", "config": dataclasses.asdict(cfg), "environment": _common.environment(),
-        "bounds_random": rand, "bounds_adversarial": adv, "init_expectation": init_rows,
-        "runs": runs, "summary": summary, "table": text, "diverged_runs": sum(r["diverged"] for r in runs),
-        "figures": [p.name for p in fig_paths],
-    }, non_finite, seconds, time.perf_counter() - t0)
     print("softmax bounds (ratio <= 1 required): value max random "
           f"{summary['softmax_value_ratio_max_random']:.4f}, adversarial {summary['softmax_value_ratio_max_adversarial']:.4f}; "
           f"gradient max random {summary['softmax_grad_ratio_max_random']:.4f}, "
@@ -480,7 +465,12 @@ def execute(args, cfg: FrobeniusConfig, run) -> int:
         th = "" if r["theory"] is None else f" (theory {r['theory']:.3g})"
         print(f"  N={r['n']:5d} {r['activation']:11s} {r['ratio_mean']:.3g}{th}")
     print(text)
-    print(f"total wall time {time.perf_counter() - t0:.1f} s; results in {run.path}/results.json")
+    _common.finish(run, {
+        "script": "frobenius_norm", "config": dataclasses.asdict(cfg), "environment": _common.environment(),
+        "bounds_random": rand, "bounds_adversarial": adv, "init_expectation": init_rows,
+        "runs": runs, "summary": summary, "table": text, "diverged_runs": sum(r["diverged"] for r in runs),
+        "figures": [p.name for p in fig_paths],
+    }, non_finite, seconds, time.perf_counter() - t0)
     return 0
 
 

@@ -246,19 +246,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help=f"small preset: {QUICK}")
     p.add_argument("--activations", nargs="+", default=None,
                    help="activations to sweep (default: every registered one)")
-    for f in dataclasses.fields(VanishConfig):
-        if f.name == "activations":
-            continue
-        if isinstance(f.default, tuple):
-            p.add_argument("--" + f.name.replace("_", "-"), nargs="+", type=type(f.default[0]), default=None)
-        else:
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
+    _common.add_config_flags(p, VanishConfig, skip=("activations",))
     args = p.parse_args(argv)
-    values = dict(QUICK) if args.quick else {}
-    for f in dataclasses.fields(VanishConfig):
-        v = getattr(args, f.name)
-        if v is not None:
-            values[f.name] = tuple(dict.fromkeys(v)) if isinstance(v, list) else v
+    values = _common.config_values(args, VanishConfig, QUICK if args.quick else {})
     values.setdefault("activations", tuple(activations.names()))
     return args, VanishConfig(**values)
 
@@ -307,6 +297,12 @@ def execute(cfg: VanishConfig, run) -> int:
     table = _common.format_table(
         cols, [[r[c] if isinstance(r[c], str) else _fmt(r[c]) for c in cols] for r in rows]
     )
+    print(table)
+    print("\nGradient norms at init (mean over seeds), first / middle / last layer:")
+    for kind, g in grads.items():
+        for w in ("query", "value"):
+            m = g[w]["mean"]
+            print(f"  {kind:8s} {w:5s}: {_fmt(m[0])} / {_fmt(m[len(m) // 2])} / {_fmt(m[-1])}")
     _common.finish(run, {
         "script": "gradient_vanishing", "config": dataclasses.asdict(cfg),
         "environment": _common.environment(),
@@ -315,13 +311,6 @@ def execute(cfg: VanishConfig, run) -> int:
         "findings": rows, "table": table, "init_gradients": grads,
         "figures": [p.name for p in fig_paths],
     }, non_finite, seconds, time.perf_counter() - t0)
-    print(table)
-    print("\nGradient norms at init (mean over seeds), first / middle / last layer:")
-    for kind, g in grads.items():
-        for w in ("query", "value"):
-            m = g[w]["mean"]
-            print(f"  {kind:8s} {w:5s}: {_fmt(m[0])} / {_fmt(m[len(m) // 2])} / {_fmt(m[-1])}")
-    print(f"total wall time {time.perf_counter() - t0:.1f} s; results in {run.path}/results.json")
     return 0
 
 

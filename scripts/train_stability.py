@@ -93,20 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help=f"small fast preset: {QUICK}")
     p.add_argument("--overwrite", action="store_true",
                    help="discard a previous run with a different config in --out")
-    for f in dataclasses.fields(StabilityConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, tuple):
-            kind = {"depths": int, "learning_rates": float}.get(f.name, str)
-            p.add_argument(flag, nargs="+", type=kind, default=None, help=f"default {f.default}")
-        else:
-            p.add_argument(flag, type=type(f.default), default=None, help=f"default {f.default!r}")
+    _common.add_config_flags(p, StabilityConfig, element_types={"depths": int, "learning_rates": float})
     args = p.parse_args(argv)
-    values = dict(QUICK) if args.quick else {}
-    for f in dataclasses.fields(StabilityConfig):
-        v = getattr(args, f.name)
-        if v is not None:
-            values[f.name] = tuple(dict.fromkeys(v)) if isinstance(v, list) else v
-    return args, StabilityConfig(**values)
+    return args, StabilityConfig(**_common.config_values(args, StabilityConfig, QUICK if args.quick else {}))
 
 
 def validate(cfg: StabilityConfig) -> None:
@@ -339,16 +328,14 @@ def execute(args, cfg: StabilityConfig, ds: text_data.TextDataset, run) -> int:
     runs = [records[name] for name in units]
     table = summarise(runs)
     fig_names = figures(cfg, runs, run)
+    print(table)
     _common.finish(run, {
         "script": "train_stability", "quick": args.quick, "config": dataclasses.asdict(cfg),
         "dataset": {"name": ds.name, "fingerprint": ds.fingerprint, "train_bytes": int(ds.train.size),
                     "validation_bytes": int(ds.validation.size)},
         "environment": _common.environment(), "runs": runs, "table": table,
         "diverged_runs": sum(r["diverged"] for r in runs), "figures": fig_names,
-    }, non_finite, seconds, time.perf_counter() - t_start)
-    _common.write_text(run.path / "table.md", table + "\n")
-    print(table)
-    print(f"total wall time {time.perf_counter() - t_start:.1f} s; results in {run.path}/results.json")
+    }, non_finite, seconds, time.perf_counter() - t_start, table_md=table)
     return 0
 
 

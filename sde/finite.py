@@ -42,9 +42,7 @@ from tqdm.auto import tqdm
 
 from shaped_attn.blocks import Block
 from shaped_attn.config import BlockConfig
-from shaped_attn.functional import (
-    BlockMaps, Knobs, block_apply, block_relu_slopes, configured_knobs, temperature,
-)
+from shaped_attn.functional import BlockMaps, block_apply
 
 from .noise import psd_factor
 from .validation import check_choice, check_positive_int, check_positive_real, check_psd_matrix
@@ -231,12 +229,9 @@ def gram_maps(cfg: BlockConfig, key: jax.Array, m_tokens: int) -> BlockMaps:
 #
 # The residual stream (and the value space) is then stored on K = (features in use) columns
 # instead of n, scaled by sqrt(K / n) so that ``gram`` (which divides by the array width) gives
-# the true ``X X^T / n``. ``block_apply`` runs on these arrays with the block's config at width
-# K (:func:`reduced_layout`): the only scalars of the block that depend on the width, the
-# shaped temperature and the shaped-ReLU slopes, are carried over from the true config (the
-# scores are rescaled by the ratio of :func:`shaped_attn.functional.temperature` of the two
-# configs, the ReLU constants c_pm by sqrt(K / n), checked against ``block_relu_slopes``) and
-# the knobs are the true block's.
+# the true ``X X^T / n``. ``block_apply`` runs the true block's config on these arrays: it takes
+# the width-dependent scalars (temperature, shaped-ReLU slopes) from the config and the
+# per-head widths from the maps' outputs.
 
 
 def reduced_root(x: jax.Array, used: int) -> jax.Array:
@@ -329,17 +324,17 @@ def coordinate_map(noise: _LayerNoise, n_out: int, occupied: int, used_in: int, 
     return apply
 
 
-def reduced_scores(noise: _LayerNoise, heads: int, key_width: int, used_in: int, m: int,
-                   scale: float = 1.0) -> Callable[[jax.Array], jax.Array]:
-    """:func:`gram_scores` (``R B G3 R^T`` per head, here times ``scale``) with
-    ``R = reduced_root(x, used_in)`` and the numbers from ``noise``."""
+def reduced_scores(noise: _LayerNoise, heads: int, key_width: int, used_in: int,
+                   m: int) -> Callable[[jax.Array], jax.Array]:
+    """:func:`gram_scores` (``R B G3 R^T`` per head) with ``R = reduced_root(x, used_in)`` and
+    the numbers from ``noise``."""
     b = noise.free((heads,), m, key_width)
     g = noise.normal((heads, m, m))
 
     def apply(x):
         _one_sample(x)
         r = reduced_root(x, used_in)
-        return (scale * (r[None] @ b @ g @ r.T[None])).astype(x.dtype)
+        return (r[None] @ b @ g @ r.T[None]).astype(x.dtype)
 
     return apply
 
@@ -371,9 +366,7 @@ class ReducedLayout(NamedTuple):
     ``block_in``, ``value``, ``attention_out``, ``block_out``: features in use by the block
     input (after :func:`reduced_tokens`), by one head's values, after the attention sub-block
     and at the block output. ``width`` (K): stored features of the residual stream (and of the
-    value space with an output projection), ``scale = sqrt(K / n)`` their scale. ``cfg``: the
-    block at width K that ``block_apply`` runs; ``knobs``: the true block's knobs;
-    ``score_scale``: true over width-K temperature ratio applied to the scores.
+    value space with an output projection), ``scale = sqrt(K / n)`` their scale.
     """
 
     block_in: int
@@ -382,9 +375,6 @@ class ReducedLayout(NamedTuple):
     block_out: int
     width: int
     scale: float
-    cfg: BlockConfig
-    knobs: Knobs
-    score_scale: float
 
 
 def reduced_layout(cfg: BlockConfig, m_tokens: int) -> ReducedLayout:
@@ -407,22 +397,13 @@ def reduced_layout(cfg: BlockConfig, m_tokens: int) -> ReducedLayout:
     width = k
     if att.out_proj:  # the value space is stored on K columns too: heads * value of them per head
         width = min(n, -(-max(k, heads * value) // heads) * heads)
-    att_w = dataclasses.replace(att, width=width)
-    scale = math.sqrt(width / n)
-    c_scale = scale if cfg.shaped_relu else 1.0
-    cfg_w = dataclasses.replace(cfg, attention=att_w, mlp_hidden=cfg.mlp_hidden,
-                                c_plus=cfg.c_plus * c_scale, c_minus=cfg.c_minus * c_scale)
-    if not np.allclose(block_relu_slopes(cfg_w), block_relu_slopes(cfg), rtol=1e-12, atol=0):
-        raise ValueError("sampler='reduced': the shaped-ReLU slopes no longer scale as "
-                         "1 + c / sqrt(width); update reduced_layout")
-    return ReducedLayout(k_in, value, k_att, k, width, scale, cfg_w, configured_knobs(cfg),
-                         temperature(att_w) / temperature(att))
+    return ReducedLayout(k_in, value, k_att, k, width, math.sqrt(width / n))
 
 
 def reduced_maps(cfg: BlockConfig, key: jax.Array, m_tokens: int) -> BlockMaps:
     """The maps of one block for the reduced sampler, on one sample's tokens from
     :func:`reduced_tokens` stored as in :func:`reduced_layout` (apply them with
-    ``block_apply(layout.cfg, ..., knobs=layout.knobs)``).
+    ``block_apply(cfg, ...)``).
 
     Same roles as :func:`gram_maps`: the scores are :func:`reduced_scores` (the query and key
     maps of :func:`gram_maps` when ``n_k < m``, zero scores for a zero query), all other maps
@@ -443,13 +424,10 @@ def _reduced_maps(cfg: BlockConfig, lay: ReducedLayout, m: int, noise: _LayerNoi
         if att.query_init == "zero":
             maps = maps._replace(scores=lambda x: jnp.zeros((heads, m, m), x.dtype))
         elif att.head_dim >= m:
-            maps = maps._replace(scores=reduced_scores(noise, heads, att.head_dim, lay.block_in, m,
-                                                       lay.score_scale))
+            maps = maps._replace(scores=reduced_scores(noise, heads, att.head_dim, lay.block_in, m))
         else:  # n_k < m: X W_Q and X W_K themselves, as the Gram sampler
-            query = gram_map(ks[0], heads * att.head_dim)
-            if lay.score_scale != 1.0:
-                query = lambda x, f=query: lay.score_scale * f(x)  # noqa: E731
-            maps = maps._replace(query=query, key=gram_map(ks[1], heads * att.head_dim))
+            maps = maps._replace(query=gram_map(ks[0], heads * att.head_dim),
+                                 key=gram_map(ks[1], heads * att.head_dim))
         stream = dict(width=lay.width, scale=lay.scale)
         if att.out_proj:
             value = coordinate_map(noise, att.value_dim, 0, lay.block_in, lay.block_in,
@@ -490,8 +468,8 @@ def _layer(cfg: BlockConfig, sampler: str, x: jax.Array, key: jax.Array) -> jax.
     if sampler == "reduced":
         lay = reduced_layout(cfg, x.shape[-2])
         x = reduced_tokens(x, lay.block_out, lay.width)
-        return block_apply(lay.cfg, x, maps=reduced_maps(cfg, key, x.shape[-2]), knobs=lay.knobs)
-    if sampler == "gram":
+        maps = reduced_maps(cfg, key, x.shape[-2])
+    elif sampler == "gram":
         maps = gram_maps(cfg, key, x.shape[-2])
     else:
         maps = Block(cfg, rngs=nnx.Rngs(params=key)).maps()

@@ -244,22 +244,25 @@ def attention_apply(
     passed through ``output``; without it they are summed with weight ``1/sqrt(H)``.
     ``gains`` are the shaping gains ``(g1, g2)`` of :func:`attention_weights`.
 
+    The per-head widths are read from the maps' outputs (``H`` equal blocks), so samplers may
+    hand over arrays stored on fewer columns than ``cfg`` describes.
+
     Returns ``out: [..., m, n]``, and with ``return_weights`` the weights ``[..., H, m, m]``:
     ``A`` (True) or the activation's output before the shaping step (``"activation"``).
     """
     if return_weights not in (False, True, "activation"):
         raise ValueError(f"return_weights={return_weights!r} must be a bool or 'activation'")
-    heads, dk, dv = cfg.num_heads, cfg.head_dim, cfg.value_dim
+    heads = cfg.num_heads
     batch_m = x.shape[:-1]
     if scores is None:
-        q = query(x).reshape(*batch_m, heads, dk)
-        k = key(x).reshape(*batch_m, heads, dk)
+        q = query(x).reshape(*batch_m, heads, -1)
+        k = key(x).reshape(*batch_m, heads, -1)
         qk = jnp.einsum("...qhd,...khd->...hqk", q, k)
     elif query is None and key is None:
         qk = scores(x)
     else:
         raise ValueError("give either a scores map or query and key maps, not both")
-    v = value(x).reshape(*batch_m, heads, dv)
+    v = value(x).reshape(*batch_m, heads, -1)
     weights, probs = attention_weights(
         cfg, qk, mask=mask, score_bias=score_bias, gains=gains, return_activation=True
     )
@@ -267,7 +270,7 @@ def attention_apply(
     if cfg.out_proj:
         if output is None:
             raise ValueError("out_proj=True needs an output map")
-        out = output(o.reshape(*batch_m, heads * dv))
+        out = output(o.reshape(*batch_m, -1))
     else:
         if output is not None:
             raise ValueError("out_proj=False takes no output map (got one)")
