@@ -93,6 +93,10 @@ class AttentionConfig:
         causal: apply a causal mask (row i sees keys ``j <= i``; centring uses ``1/i``).
         query_init: ``"default"`` (the block's init scheme) or ``"zero"`` (``W_Q = 0``, so
             ``Y = 0`` and, with shaping, ``A = I`` exactly).
+        prenorm_order: where a pre-normalised (``norm_``) activation standardises the scores:
+            ``"after_scaling"`` (on ``q.k / tau``, the authors' module file) or
+            ``"before_scaling"`` (on ``q.k``, then divided by ``tau``: the authors' training
+            script); see ``docs/activations.md``.
     """
 
     width: int
@@ -106,6 +110,7 @@ class AttentionConfig:
     out_proj: bool = True
     causal: bool = False
     query_init: str = "default"
+    prenorm_order: str = "after_scaling"
 
     def __post_init__(self):
         _positive_int("width", self.width)
@@ -132,6 +137,7 @@ class AttentionConfig:
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal={self.causal!r} must be a bool")
         _choice("query_init", self.query_init, QUERY_INITS)
+        activations.split_prenorm(self.activation, self.prenorm_order)  # ValueError naming it
         if self.activation == "shaped_softmax" and self.shaped:
             raise ValueError(
                 "activation='shaped_softmax' already adds I - C; use activation='softmax' "
