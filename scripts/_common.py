@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import math
 import os
 import sys
 import time
 import warnings
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -22,6 +20,13 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+from sde._helpers.devices import unit_key  # noqa: E402,F401  (the scripts' unit keys)
+from sde._helpers.validation import (  # noqa: E402,F401  (the one family of input checks)
+    check_choice,
+    check_each,
+    check_int,
+    check_number,
+)
 from shaped_attn import rundir  # noqa: E402
 
 
@@ -35,53 +40,19 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _interval(lo, hi, lo_closed, hi_closed) -> str:
-    return f"{'[' if lo_closed else '('}{lo:g}, {hi:g}{']' if hi_closed else ')'}"
-
-
-def check_int(name: str, value, lo: int = 1, hi: int | None = None) -> None:
-    """``value`` is an integer >= ``lo`` (and <= ``hi`` if given)."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo
-    if not ok or (hi is not None and value > hi):
-        limit = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name}={value!r} must be an integer {limit}")
-
-
-def check_number(name: str, value, lo: float = 0.0, hi: float = math.inf, *,
-                 lo_closed: bool = False, hi_closed: bool = False) -> None:
-    """``value`` is a real number in the interval (NaN and inf never are)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not (ok and (value >= lo if lo_closed else value > lo) and (value <= hi if hi_closed else value < hi)):
-        raise ValueError(f"{name}={value!r} is outside {_interval(lo, hi, lo_closed, hi_closed)}")
-
-
-def check_choice(name: str, value, allowed: Sequence) -> None:
-    """``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {tuple(allowed)}")
-
-
-def check_each(name: str, values: Sequence, check: Callable, *args, **kwargs) -> None:
-    """``check(name, v, ...)`` for every element of a non-empty list flag."""
-    if not values:
-        raise ValueError(f"{name} is empty; give at least one value")
-    for v in values:
-        check(name, v, *args, **kwargs)
-
-
-def check_activation(name: str, value: str) -> None:
+def check_activation(name: str, value: str) -> str:
     """``value`` is a registered attention activation."""
-    from shaped_attn import activations
+    from shaped_attn import activations  # noqa: PLC0415  (flax only where a script needs it)
 
-    if value not in activations.names():
-        raise ValueError(f"{name}={value!r} is not a registered activation: {', '.join(activations.names())}")
+    return check_choice(name, value, activations.names())
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: Sequence[str] = (),
                      element_types: dict | None = None) -> None:
     """``--field-name`` for every field of the dataclass ``config_cls`` not in ``skip``, with
-    default ``None`` (= not given): booleans as ``--x/--no-x``, tuples as several values (of the
-    type of the default's first element, or ``element_types[name]``, else str)."""
+    default ``None`` (= not given): booleans as ``--x/--no-x``, tuples as space-separated values
+    (of the type of the default's first element, or ``element_types[name]``, else str; the flag
+    alone gives an empty list)."""
     element_types = element_types or {}
     for f in dataclasses.fields(config_cls):
         if f.name in skip:
@@ -91,7 +62,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: Sequence
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(f.default, tuple):
             kind = element_types.get(f.name) or (type(f.default[0]) if f.default else str)
-            parser.add_argument(flag, nargs="+", type=kind, **kw)
+            parser.add_argument(flag, nargs="*", type=kind, **kw)
         else:
             parser.add_argument(flag, type=type(f.default), **kw)
 
@@ -129,8 +100,6 @@ def cli(script: str, prepare: Callable, execute: Callable, argv=None) -> int:
 def open_run(out: str, config: Any, overwrite: bool, outputs: Sequence[str]) -> rundir.RunDir:
     """The output folder bound to ``config`` (a dataclass); refuses a folder holding another
     config unless ``overwrite`` (then the previous chunks and ``outputs`` are deleted)."""
-    if Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"out={out!r} exists and is not a directory")
     return rundir.RunDir(out, dataclasses.asdict(config), overwrite=overwrite,
                          outputs=(*outputs, "results.json", "timings.json"))
 
@@ -160,14 +129,6 @@ def save_unit(run: rundir.RunDir, name: str, record: Any, seconds: float) -> Non
     """Write one finished work unit as ``chunks/{name}.json`` (atomic; NaN become null)."""
     clean, count = nan_to_null(record)
     run.save_record(name, {"record": clean, "non_finite": count, "seconds": seconds})
-
-
-def unit_key(seed: int, name: str):
-    """The PRNG key of one work unit: ``fold_in(PRNGKey(seed), crc32(name))``, so that it
-    depends on the seed and the unit's identity only (never on which units ran before)."""
-    import jax
-
-    return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()))
 
 
 def timed(fn: Callable, *args, **kwargs) -> tuple[Any, float]:
@@ -219,15 +180,21 @@ def pyplot():
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Save a figure as PNG (atomically) and close it."""
+    """Save a figure as ``path`` (PNG) and beside it as PDF (:func:`shaped_attn.rundir.save_figure`)
+    and close it."""
     path = Path(path)
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=120, bbox_inches="tight", format="png")
-    rundir.atomic_write_bytes(path, buf.getvalue())
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    rundir.save_figure(fig, path.with_suffix(""))
     return path
+
+
+def use_compile_cache() -> None:
+    """Reuse compiled XLA programs across runs (reruns and resumed runs start faster): the
+    persistent cache in ``~/.cache/shaped_attn/jax`` (override with JAX_COMPILATION_CACHE_DIR)."""
+    import jax  # noqa: PLC0415
+
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "shaped_attn" / "jax"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def environment() -> dict[str, Any]:

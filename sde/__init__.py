@@ -1,152 +1,91 @@
-"""The covariance SDE of the shaped Transformer and finite-network Monte Carlo.
+"""The covariance SDE of the shaped Transformer and the finite networks it describes.
 
 Noci et al., "The Shaped Transformer" (arXiv 2306.17759); Li, Nica, Roy, "The Neural Covariance
-SDE" (arXiv 2206.02768). See spec/sde.md for the formulas.
+SDE" (arXiv 2206.02768). The theory is in ``docs/`` (start at docs/README.md).
 
-- :mod:`sde.params`: :class:`SDEParams` (validated, frozen; owns the block coefficients).
-- :mod:`sde.coefficients`: drift and diffusion matrix as pure functions of ``V``.
-- :mod:`sde.noise`: structured O(m^3) noise and the generic square-root route.
-- :mod:`sde.solve`: diffrax Euler integration, vmapped over paths, with stopping.
-- :mod:`sde.finite`: Monte Carlo of finite networks (Gram sampler and real weights).
-- :mod:`sde.compare`: agreement statistics (KS, Wasserstein-1, quantiles with errors).
-- :mod:`sde.estimator`: one-layer estimates of any block's drift and diffusion, with SEs and a
-  width extrapolation (:func:`estimate_coefficients`).
-- :mod:`sde.activation_constants`: ``a1, a2`` of a row-normalised attention activation
-  (``SDEParams(activation=...)``; docs/general_activation_sde.md).
-- :mod:`sde.smooth_mlp`: shaped MLPs with a smooth activation (``SDEParams(mlp_activation=...)``).
+Layers, each importing only from those before it (private sub-packages):
+
+- ``_helpers``: symmetric-index maps, PSD factors, the Wishart/Bartlett sampler, keys, chunks
+  and sharding, validation, the :class:`Ensemble` result;
+- ``_theory``: activation constants, :class:`SDEParams`, drift and diffusion, noise, the
+  diffrax solve, the correlation SDE (never imports :mod:`shaped_attn`);
+- ``_mc``: finite-network Monte Carlo (Gram, reduced and weight samplers, one-layer
+  transitions);
+- ``_estimator``, ``_compare``: one-layer coefficient estimates, agreement statistics;
+- ``_experiment``: the finite-vs-SDE experiment behind ``scripts/sde_vs_finite.py``.
+
+The public API is the names below, loaded on first use (``import sde`` is cheap).
 """
 
-from . import compare, finite
-from .finite import FiniteResult, FiniteSampler, simulate_finite
+from __future__ import annotations
 
-from .coefficients import (
-    acal,
-    arccos,
-    attention_bracket,
-    attention_gram,
-    centre,
-    correlation,
-    correlation_diffusion,
-    correlation_drift,
-    diffusion_matrix,
-    drift,
-    drift_attention,
-    drift_mlp,
-    drift_relu,
-    num_upper,
-    relu_nu,
-    sigma_lin,
-    sym_index,
-    sym_to_vec,
-    symmetrize,
-    upper_indices,
-    vec_to_sym,
-)
-from .noise import (
-    attention_factor,
-    eigh_factor,
-    factor_and_check,
-    generic_noise,
-    noise_dim,
-    noise_from_normals,
-    psd_factor,
-    sample_noise,
-    sample_noise_generic,
-    structured_noise,
-    structured_noise_sym,
-)
-from .params import BLOCKS, HEAD_LAYOUTS, SOFTMAX, AttentionConstants, SDEParams
-from . import activation_constants, estimator, smooth_mlp
-from .activation_constants import ActivationExpansion, expansion, expansion_table
-from .estimator import (
-    AttentionTransition,
-    CoefficientEstimate,
-    GramTransition,
-    estimate_coefficients,
-    extrapolate,
-)
-from .smooth_mlp import SMOOTH_ACTIVATIONS, drift_smooth, mlp_constants, smooth_mlp_layer
-from .solve import (
-    CorrelationSolution,
-    GridBrownianPath,
-    SDESolution,
-    StructuredDiffusionTerm,
-    brownian_grid,
-    check_state,
-    solve,
-    solve_correlation,
-    solve_drift,
-    stop_test,
-    time_grid,
-)
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "ActivationExpansion",
-    "AttentionTransition",
-    "CoefficientEstimate",
-    "GramTransition",
-    "HEAD_LAYOUTS",
-    "SMOOTH_ACTIVATIONS",
-    "activation_constants",
-    "drift_mlp",
-    "drift_smooth",
-    "estimate_coefficients",
-    "estimator",
-    "expansion",
-    "expansion_table",
-    "extrapolate",
-    "mlp_constants",
-    "smooth_mlp",
-    "smooth_mlp_layer",
-    "compare",
-    "finite",
-    "FiniteResult",
-    "FiniteSampler",
-    "simulate_finite",
-    "AttentionConstants",
-    "BLOCKS",
-    "CorrelationSolution",
-    "GridBrownianPath",
-    "SDEParams",
-    "SDESolution",
-    "SOFTMAX",
-    "StructuredDiffusionTerm",
-    "acal",
-    "arccos",
-    "attention_bracket",
-    "brownian_grid",
-    "check_state",
-    "attention_factor",
-    "attention_gram",
-    "centre",
-    "correlation",
-    "correlation_diffusion",
-    "correlation_drift",
-    "diffusion_matrix",
-    "drift",
-    "drift_attention",
-    "drift_relu",
-    "eigh_factor",
-    "factor_and_check",
-    "generic_noise",
-    "noise_dim",
-    "noise_from_normals",
-    "num_upper",
-    "psd_factor",
-    "relu_nu",
-    "sample_noise",
-    "sample_noise_generic",
-    "sigma_lin",
-    "solve",
-    "solve_correlation",
-    "solve_drift",
-    "stop_test",
-    "structured_noise",
-    "structured_noise_sym",
-    "sym_index",
-    "sym_to_vec",
-    "symmetrize",
-    "time_grid",
-    "upper_indices",
-    "vec_to_sym",
-]
+_EXPORTS = {
+    # theory
+    "SDEParams": "._theory.params",
+    "ActivationExpansion": "._theory.constants",
+    "drift": "._theory.coefficients",
+    "diffusion_matrix": "._theory.coefficients",
+    "correlation": "._theory.coefficients",
+    "sample_noise": "._theory.noise",
+    "solve": "._theory.solve",
+    "solve_correlation": "._theory.correlation",
+    "GridBrownianPath": "._theory.diffrax_terms",
+    "StructuredDiffusionTerm": "._theory.diffrax_terms",
+    # results and layouts
+    "Ensemble": "._helpers.ensemble",
+    "sym_to_vec": "._helpers.symmetric",
+    "vec_to_sym": "._helpers.symmetric",
+    # finite networks
+    "expansion": "._mc.activations",
+    "FiniteSampler": "._mc.sampler",
+    "simulate_finite": "._mc.sampler",
+    "GramTransition": "._mc.transitions",
+    "AttentionTransition": "._mc.transitions",
+    "smooth_mlp_layer": "._mc.transitions",
+    # estimates and comparisons
+    "estimate_coefficients": "._estimator",
+    "CoefficientEstimate": "._estimator",
+    "compare_samples": "._compare",
+    "compare_moments": "._compare",
+    "band": "._compare",
+    # the experiment
+    "ExperimentConfig": "._experiment.config",
+    "ExperimentResult": "._experiment.run",
+    "run_experiment": "._experiment.run",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sde' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return __all__
+
+
+if TYPE_CHECKING:  # static analysers see the names; at run time they load lazily
+    from ._compare import band, compare_moments, compare_samples
+    from ._estimator import CoefficientEstimate, estimate_coefficients
+    from ._experiment.config import ExperimentConfig
+    from ._experiment.run import ExperimentResult, run_experiment
+    from ._helpers.ensemble import Ensemble
+    from ._helpers.symmetric import sym_to_vec, vec_to_sym
+    from ._mc.activations import expansion
+    from ._mc.sampler import FiniteSampler, simulate_finite
+    from ._mc.transitions import AttentionTransition, GramTransition, smooth_mlp_layer
+    from ._theory.coefficients import correlation, diffusion_matrix, drift
+    from ._theory.constants import ActivationExpansion
+    from ._theory.correlation import solve_correlation
+    from ._theory.diffrax_terms import GridBrownianPath, StructuredDiffusionTerm
+    from ._theory.noise import sample_noise
+    from ._theory.params import SDEParams
+    from ._theory.solve import solve

@@ -150,6 +150,11 @@ class AttentionConfig:
         return self.identity_gain != 0 or self.centre_gain != 0
 
     @property
+    def activation_fn(self) -> Callable[..., Any]:
+        """The activation as a function ``fn(scores, mask=None)`` (a name resolved in the registry)."""
+        return activations.resolve(self.activation)
+
+    @property
     def value_dim(self) -> int:
         """Value width per head: ``width / H`` with ``out_proj``, ``width`` without."""
         return self.width // self.num_heads if self.out_proj else self.width

@@ -96,6 +96,22 @@ def environment() -> dict[str, Any]:
     }
 
 
+def save_figure(fig, stem, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Save a matplotlib figure as ``stem.png`` and ``stem.pdf`` (atomically) and close it: the
+    one figure writer of the scripts and the main job."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (matplotlib only where figures are drawn)
+
+    paths = []
+    for ext in formats:
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=130, bbox_inches="tight")
+        path = Path(f"{stem}.{ext}")
+        atomic_write_bytes(path, buf.getvalue())
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
 class RunDir:
     """An output directory bound to one config.
 
@@ -111,7 +127,9 @@ class RunDir:
 
     def __init__(self, path, config: dict, *, overwrite: bool = False, outputs: Sequence[str] = ()):
         self.path = Path(path)
-        self.config = _jsonable(config)
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"out={str(self.path)!r} exists and is not a directory")
+        self.config = self.jsonable(config)
         stored = self.path / "config.json"
         if stored.exists():
             previous = json.loads(stored.read_text()).get("config")
@@ -132,6 +150,11 @@ class RunDir:
             tmp.unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(stored, {"config": self.config, "environment": environment()})
+
+    @staticmethod
+    def jsonable(config: dict) -> Any:
+        """``config`` as it is stored in (and compared with) ``config.json``."""
+        return _jsonable(config)
 
     def _chunk_path(self, name: str, index: int) -> Path:
         return self.path / "chunks" / f"{name}.{index:05d}.npz"
@@ -169,12 +192,5 @@ class RunDir:
         return p
 
     def save_figure(self, fig, stem: str) -> list[Path]:
-        """Save a matplotlib figure as ``stem.png`` and ``stem.pdf``, atomically."""
-        paths = []
-        for ext in ("png", "pdf"):
-            buf = io.BytesIO()
-            fig.savefig(buf, format=ext, dpi=130, bbox_inches="tight")
-            p = self.path / f"{stem}.{ext}"
-            atomic_write_bytes(p, buf.getvalue())
-            paths.append(p)
-        return paths
+        """:func:`save_figure` as ``stem.png`` and ``stem.pdf`` in this directory."""
+        return save_figure(fig, self.path / stem)

@@ -1,4 +1,4 @@
-"""One-layer estimator of the covariance-SDE coefficients of any block (spec/sde.md section 5).
+"""One-layer estimator of the covariance-SDE coefficients of any block (docs/sde.md §9).
 
 For a block mapping tokens ``X`` (m x n) to ``X'`` with ``V = X X^T / n``, the covariance SDE
 in time ``t = l / n`` has
@@ -12,11 +12,11 @@ reports), or at several widths with an extrapolation to ``n -> infinity``. This 
 SDE of a new block is checked (docs/general_activation_sde.md uses it for general attention
 activations, multi-head attention and smooth MLPs).
 
-Blocks:
+Blocks (:func:`one_layer`):
 
 - a :class:`shaped_attn.config.BlockConfig` template, or a callable ``width -> BlockConfig``
   (one required positional argument, e.g. ``functools.partial(shaped_config, gamma=0.5,
-  sublayers="attention")``): run by :class:`sde.finite.FiniteSampler` with depth 1 (sampler
+  sublayers="attention")``): run by :class:`FiniteSampler` with depth 1 (sampler
   ``"gram"`` by default: exact in distribution and O(m^2 n) per sample);
 - a user callable ``layer(key, X) -> X'`` (two required positional arguments), ``X`` of shape
   ``(m, n)``; it is vmapped over the sample keys exactly like the finite Monte Carlo;
@@ -24,9 +24,9 @@ Blocks:
   :class:`AttentionTransition`, the exact O(H m^3) sampler of an attention-only shaped block
   (cost independent of ``n``, so widths of 10^4 and 10^6 samples are cheap).
 
-Sampling: sample ``i`` uses ``fold_in(key, i)`` (:func:`sde.finite.sample_keys`), chunks of
-``chunk_size`` samples are vmapped and their sample axis is sharded over all local devices
-(:func:`sde.finite.sample_mesh`), and only running sums of the increments' first four mixed
+Sampling: sample ``i`` uses ``fold_in(key, i)``, chunks of ``chunk_size`` samples are vmapped
+and their sample axis is sharded over local accelerators (docs/samplers.md §6), and only
+running sums of the increments' first four mixed
 moments are kept (float64, on the host), so 10^6 samples need memory for one chunk only.
 Every chunk has the same size (the last one is padded and trimmed), so each width compiles
 once; compiled samplers are cached across calls with the same block and width.
@@ -52,35 +52,19 @@ of freedom are returned so that a wrong model can be seen (chi2 >> dof).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from shaped_attn.config import BlockConfig
-from shaped_attn.functional import attention_weights, residual_gains
-
-from .coefficients import diffusion_matrix, drift, num_upper, sym_to_vec, upper_indices, vec_to_sym
-from .finite import (
-    SAMPLERS,
-    FiniteSampler,
-    gram,
-    initial_tokens,
-    sample_keys,
-    sample_mesh,
-    sized_config,
-)
-from .noise import psd_factor
-from .params import SDEParams
-from .validation import check_positive_int, check_psd_matrix
-
-LayerFn = Callable[[jax.Array, jax.Array], jax.Array]
-BlockLike = Union[BlockConfig, Callable[[int], BlockConfig], LayerFn]
+from ._helpers.symmetric import dim_from_num_upper, num_upper, upper_indices, vec_to_sym
+from ._helpers.validation import check_choice, check_int, check_psd_matrix
+from ._mc.sampler import SAMPLERS
+from ._mc.transitions import BlockLike, one_layer
+from ._theory.coefficients import diffusion_matrix, drift
+from ._theory.params import SDEParams
 
 DEFAULT_CHUNK = 4096
 
@@ -94,10 +78,9 @@ class CoefficientEstimate:
 
     Attributes:
       drift: ``(D,)`` estimate of ``b(V)`` over the upper triangle (row-major, the order of
-        :func:`sde.coefficients.upper_indices` / ``sym_to_vec``).
+        ``sym_to_vec``; docs/sde.md §1).
       drift_se: ``(D,)`` its standard errors.
-      diffusion: ``(D, D)`` estimate of ``Sigma(V)`` (same order as
-        :func:`sde.coefficients.diffusion_matrix`).
+      diffusion: ``(D, D)`` estimate of ``Sigma(V)`` (same order as :func:`diffusion_matrix`).
       diffusion_se: ``(D, D)`` its standard errors.
       width: ``n``, or ``inf`` for a width extrapolation.
       num_samples: Monte Carlo samples (per width for an extrapolation).
@@ -127,7 +110,7 @@ class CoefficientEstimate:
     @property
     def m(self) -> int:
         """Number of tokens."""
-        return int(round((math.sqrt(8 * self.drift.shape[-1] + 1) - 1) / 2))
+        return dim_from_num_upper(self.drift.shape[-1])
 
     @property
     def drift_matrix(self) -> np.ndarray:
@@ -146,7 +129,7 @@ class CoefficientEstimate:
         return _z(self.drift, b, self.drift_se), _z(self.diffusion, S, self.diffusion_se)
 
     def compare(self, V, params: SDEParams) -> tuple[np.ndarray, np.ndarray]:
-        """z-scores against :func:`sde.coefficients.drift` / ``diffusion_matrix`` at ``V``."""
+        """z-scores against :func:`drift` / :func:`diffusion_matrix` at ``V``."""
         V = jnp.asarray(V, jnp.float64) if jax.config.jax_enable_x64 else jnp.asarray(V)
         return self.z_scores(np.asarray(drift(V, params)), np.asarray(diffusion_matrix(V, params)))
 
@@ -215,226 +198,17 @@ class _Moments:
         return self.shift + A, se_mean, cov, np.sqrt(var_w / N)
 
 
-# --------------------------------------------------------------------------- Gram-level kernels
-
-
-class GramTransition:
-    """A Markov kernel on Gram matrices: ``fn(key, V, width) -> V_1`` (both ``(m, m)``).
-
-    Wrap a function to pass it to :func:`estimate_coefficients` as a block; subclasses
-    override :meth:`__call__`. It must be jit/vmap-able in ``key`` (``V`` and ``width`` are
-    fixed per compiled call; ``width`` is a static Python int).
-    """
-
-    def __init__(self, fn: Optional[Callable] = None):
-        self.fn = fn
-
-    def __call__(self, key: jax.Array, V: jax.Array, width: int) -> jax.Array:
-        if self.fn is None:
-            raise NotImplementedError("GramTransition needs a function or a subclass")
-        return self.fn(key, V, width)
-
-
-class AttentionTransition(GramTransition):
-    """Exact law of ``V_1`` given ``V_0`` for an attention-only shaped block, O(H m^3) per draw.
-
-    ``config``: a :class:`BlockConfig` template or ``width -> BlockConfig`` with
-    ``sublayers="attention"`` and no LayerNorm (kinds "shaped" / "unshaped"); every attention
-    option is honoured (activation, temperature, gains, heads, ``out_proj``, causal mask,
-    zero queries) because the attention matrices come from the library's
-    :func:`shaped_attn.functional.attention_weights`. Needs key width and value width per
-    head ``>= m`` and ``n >= m + H m``.
-
-    Why it is exact (spec/sde.md section 4 taken one step further): write ``X = sqrt(n) L Q``
-    with ``L L^T = V_0`` and ``Q`` (m x n) orthonormal rows. A fresh Gaussian matrix ``G``
-    (k x n, iid N(0, 1)) splits as ``G = C Q + K Q_perp`` with ``C = G Q^T`` (k x m, iid) and
-    ``K K^T ~ Wishart(n - m, I_k)`` independent of ``C`` (``K`` a Bartlett factor): the part of
-    ``G`` orthogonal to the token space enters ``V_1`` only through its Gram matrix.
-
-    - Summed heads (``out_proj=False``): value maps ``U_h = L G_h`` (``G_h`` m x n), stacked
-      ``G = [G_1; ...; G_H]``; ``Z = lam X + (gamma/sqrt(H)) sum_h A_h U_h`` gives
-      ``V_1 = F1 F1^T + F2 F2^T`` with ``F1 = lam L + gamma/sqrt(H n) sum_h A_h L C_h`` and
-      ``F2 = gamma/sqrt(H n) sum_h A_h L K_h`` (needs ``n >= m + H m``).
-    - Concatenated heads (``out_proj=True``): ``O = [A_1 U_1, ..., A_H U_H]`` with
-      ``U_h = L G_h`` (m x n/H), so ``O O^T / n = M M^T``, ``M = [A_1 L B_1, ..., A_H L B_H] /
-      sqrt(n)`` with ``B_h B_h^T ~ Wishart(n/H, I_m)``; the output ``O W_O / sqrt(n)`` is
-      ``M G'`` (``G'`` Hm x n) in law, so ``F1 = lam L + gamma M C' / sqrt(n)`` and
-      ``F2 = gamma M K' / sqrt(n)``.
-
-    The scores per head are ``L B_h G3_h L^T`` (the identity of :func:`sde.finite.gram_scores`).
-    All chi-squares are drawn in one call, so the kernel compiles fast.
-
-    :func:`tests.test_estimator` checks it against :class:`sde.finite.FiniteSampler`.
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-
-    def sized(self, width: int, dtype) -> BlockConfig:
-        cfg = sized_config(self.config, width, None, dtype)
-        if cfg.sublayers != "attention":
-            raise ValueError(f"AttentionTransition needs sublayers='attention', got {cfg.sublayers!r}")
-        if cfg.layer_norm:
-            raise ValueError(f"AttentionTransition needs a block without LayerNorm, got kind={cfg.kind!r}")
-        return cfg
-
-    def __call__(self, key: jax.Array, V: jax.Array, width: int) -> jax.Array:
-        cfg = self.sized(width, V.dtype)
-        att = cfg.attention
-        m, n, H, nk = V.shape[-1], cfg.width, att.num_heads, att.head_dim
-        lam, gamma = residual_gains(cfg)
-        concat = att.out_proj
-        if n - m < H * m:
-            raise ValueError(f"width={n} must be >= m + H m = {m + H * m} for this sampler")
-        if nk < m or (concat and n // H < m):
-            raise ValueError(f"key width {nk} and value width per head must be >= m = {m}")
-        dtype = V.dtype
-        k_chi, k_normal = jax.random.split(key)
-        L = psd_factor(V, "cholesky")  # depends on V only: computed once per compiled call, not per sample
-        # All chi-squares of the Bartlett factors in one draw (one gamma sampler to compile):
-        # per head the scores' Wishart(n_k, I_m), the value path's Wishart(n - m, I_Hm) and,
-        # with concat, per head the values' Wishart(n / H, I_m).
-        dfs = [np.arange(nk, nk - m, -1)] * H + [np.arange(n - m, n - m - H * m, -1)]
-        if concat:
-            dfs += [np.arange(n // H, n // H - m, -1)] * H
-        dfs = np.concatenate(dfs).astype(np.float64)
-        chi = jnp.sqrt(jax.random.chisquare(k_chi, jnp.asarray(dfs, dtype), dfs.shape, dtype))
-        sizes = [m] * H + [H * m] + ([m] * H if concat else [])
-        # All standard normals in one draw too: Bartlett lower triangles, G3 (scores), C.
-        z = jax.random.normal(k_normal, (len(sizes) + 2, H * m, H * m), dtype)
-        factors, offset = [], 0
-        for i, size in enumerate(sizes):  # lower-triangular Bartlett factors
-            low = jnp.tril(z[i, :size, :size], -1)
-            factors.append(low + jnp.diag(chi[offset:offset + size]))
-            offset += size
-        # Scores per head: (X W_Q,h)(X W_K,h)^T = L G1 G2^T L^T = L B_h G3_h L^T in law
-        # (the Gram sampler's identity, sde.finite.gram_scores).
-        g3 = z[-2, :H * m, :m].reshape(H, m, m)
-        qk = L @ jnp.stack(factors[:H]) @ g3 @ L.T
-        if att.query_init == "zero":
-            qk = jnp.zeros_like(qk)
-        A = attention_weights(att, qk)  # (H, m, m): the library's activation and shaping
-        AL = A @ L
-        if concat:  # O O^T / n = M M^T with M = [A_h L B_h] / sqrt(n)
-            P = gamma * jnp.concatenate(list(AL @ jnp.stack(factors[H + 1:])), axis=-1) / n
-        else:
-            P = gamma * jnp.concatenate(list(AL), axis=-1) / math.sqrt(H * n)
-        C = z[-1, :, :m]
-        F1 = lam * L + P @ C
-        F2 = P @ factors[H]
-        return F1 @ F1.T + F2 @ F2.T
-
-
-# --------------------------------------------------------------------------- samplers
-
-
-def _is_layer(block) -> bool:
-    """True for ``layer(key, X)``, False for a BlockConfig or ``width -> BlockConfig``."""
-    if isinstance(block, (BlockConfig, GramTransition)):
-        return False
-    if not callable(block):
-        raise ValueError(
-            f"block={block!r} must be a BlockConfig, a callable width -> BlockConfig or a "
-            "callable layer(key, X) -> X'"
-        )
-    try:
-        sig = inspect.signature(block)
-    except (TypeError, ValueError):
-        raise ValueError(f"cannot inspect the signature of block={block!r}") from None
-    positional = [
-        p for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-    ]
-    if len(positional) == 1:
-        return False
-    if len(positional) == 2:
-        return True
-    raise ValueError(
-        f"block={block!r} takes {len(positional)} required positional arguments: a callable "
-        "block is either width -> BlockConfig (one) or layer(key, X) -> X' (two)"
-    )
-
-
-@functools.lru_cache(maxsize=32)
-def _config_sampler(cfg: BlockConfig, width: int, sampler: str) -> FiniteSampler:
-    """A compiled depth-1 :class:`FiniteSampler`, cached per sized config (x0 set per call)."""
-    m0 = 1
-    V0 = np.eye(m0, dtype=cfg.param_dtype)
-    return FiniteSampler(V0, cfg, width=width, depth=1, sampler=sampler,
-                         key_width=cfg.attention.head_dim)
-
-
-@functools.lru_cache(maxsize=32)
-def _layer_chunk_fn(layer: LayerFn):
-    """Jitted ``(keys, x0) -> V_1`` of a user layer, vmapped and sharded like finite.py."""
-    mesh = sample_mesh()
-    samples = NamedSharding(mesh, PartitionSpec("samples"))
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def run(keys, x0):
-        return jax.vmap(lambda k: gram(layer(k, x0)))(keys)
-
-    return mesh, jax.jit(run, in_shardings=(samples, replicated), out_shardings=samples)
-
-
-@functools.lru_cache(maxsize=32)
-def _transition_chunk_fn(transition: GramTransition, width: int):
-    """Jitted ``(keys, V0) -> V_1`` of a Gram-level kernel, vmapped and sharded."""
-    mesh = sample_mesh()
-    samples = NamedSharding(mesh, PartitionSpec("samples"))
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def run(keys, V0):
-        return jax.vmap(lambda k: transition(k, V0, width))(keys)
-
-    return mesh, jax.jit(run, in_shardings=(samples, replicated), out_shardings=samples)
-
-
-def _runner(block, V: jax.Array, width: int, sampler: str, key_width):
-    """``(V0, chunk(key, start, stop) -> V_1 of samples start..stop-1)``."""
-    if isinstance(block, GramTransition):
-        mesh, fn = _transition_chunk_fn(block, width)
-        devices = mesh.devices.size
-
-        def chunk(key, start, stop):
-            padded = -(-(stop - start) // devices) * devices
-            return np.asarray(fn(sample_keys(key, start, start + padded), V))[: stop - start]
-
-        return np.asarray(V), chunk
-    if _is_layer(block):
-        mesh, fn = _layer_chunk_fn(block)
-        x0 = initial_tokens(V, width)
-        devices = mesh.devices.size
-
-        def chunk(key, start, stop):
-            padded = -(-(stop - start) // devices) * devices
-            return np.asarray(fn(sample_keys(key, start, start + padded), x0))[: stop - start]
-
-        return np.asarray(gram(x0)), chunk
-    cfg = sized_config(block, width, key_width, V.dtype)
-    runner = _config_sampler(cfg, width, sampler)
-    x0 = initial_tokens(V, width)
-
-    def chunk(key, start, stop):
-        # FiniteSampler.chunk with this V's tokens (the compiled function takes x0 as input).
-        runner.x0 = x0
-        return runner.chunk(key, start, stop)[:, 1]
-
-    return np.asarray(gram(x0)), chunk
-
-
 def _estimate_one(block, V, width, num_samples, key, sampler, key_width, chunk_size, progress):
-    check_positive_int("width", width)
-    check_positive_int("num_samples", num_samples)
+    check_int("width", width)
+    check_int("num_samples", num_samples)
     m = V.shape[-1]
-    V0, chunk = _runner(block, V, width, sampler, key_width)
+    V0, chunk = one_layer(block, V, width, sampler, key_width)
     size = min(chunk_size, num_samples)
     moments = _Moments(num_upper(m))
     rows, cols = upper_indices(m)
     starts = range(0, num_samples, size)
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # noqa: PLC0415  (only for interactive runs)
 
         starts = tqdm(starts, desc=f"estimate n={width}")
     for start in starts:
@@ -519,18 +293,16 @@ def estimate_coefficients(
         model ``est(n) = c0 + c1 n^{-bias_exponent}`` (:func:`extrapolate`).
       chunk_size: samples per compiled call (default 4096).
       sampler: ``"gram"`` (exact, fast) or ``"weights"`` (real modules) for config blocks.
-      key_width: n_k per head for config blocks (default: sde.finite.sized_config's).
+      key_width: n_k per head for config blocks (default: width for one head, width / H).
       bias_exponent: exponent of the extrapolation model (1/2 by default).
       progress: tqdm bar over chunks.
 
     Returns:
       :class:`CoefficientEstimate` (``width = inf`` for an extrapolation, with ``per_width``).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}")
+    check_choice("sampler", sampler, SAMPLERS)
     V = check_psd_matrix("V", V)
-    chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
-    check_positive_int("chunk_size", chunk_size)
+    chunk_size = check_int("chunk_size", DEFAULT_CHUNK if chunk_size is None else chunk_size)
     if widths is None:
         if width is None:
             raise ValueError("give width (or widths for an extrapolation)")
@@ -553,9 +325,3 @@ def estimate_coefficients(
         for n, c in zip(widths, counts)
     ]
     return extrapolate(estimates, bias_exponent)
-
-
-def theory_vec(V, params: SDEParams) -> tuple[np.ndarray, np.ndarray]:
-    """``(drift (D,), diffusion (D, D))`` of the SDE at ``V``, in the estimator's layout."""
-    V = jnp.asarray(V)
-    return np.asarray(sym_to_vec(drift(V, params))), np.asarray(diffusion_matrix(V, params))

@@ -1,14 +1,15 @@
-"""Small-score expansion constants ``a1, a2`` of a row-normalised attention activation.
+"""Small-score expansion constants of a row-normalised attention activation (docs/sde.md §4,
+docs/general_activation_sde.md).
 
 For shaped attention ``A = I + w(s) - 1 1^T / m`` with a row-normalised activation
 ``w_j(s) = f(s_j) / sum_k f(s_k)`` and scores ``s = Y / tau = O(n^{-1/2})``, the covariance SDE
-depends on ``f`` only through (docs/general_activation_sde.md)
+depends on ``f`` only through
 
     a1 = f'(0) / f(0),    a2 = f''(0) / f(0)          (f(0) != 0).
 
-Softmax (``f = exp``) has ``a1 = a2 = 1``. The constants are computed here from the
-*registered activation itself* (:func:`shaped_attn.activations.get`), a function of a whole
-row of scores, with JAX derivatives at ``s = 0`` -- never from a hand-written table:
+Softmax (``f = exp``) has ``a1 = a2 = 1`` (:data:`SOFTMAX_EXPANSION`). For any other
+activation the constants are computed from the activation function itself, a function of a
+whole row of scores, with JAX derivatives at ``s = 0`` -- never from a hand-written table:
 
 - ``r(s) = log w_0(s) - log w_1(s) = log f(s_0) - log f(s_1)`` for the normalised form, so
   ``a1 = dr/ds_0`` and ``a2 - a1^2 = d^2 r / ds_0^2`` (both at 0).
@@ -17,36 +18,66 @@ row of scores, with JAX derivatives at ``s = 0`` -- never from a hand-written ta
   :func:`predicted_hessian`), so an activation that is not ``f(s_j) / sum f`` to second order
   is rejected.
 - At a point ``s* != 0`` the ratio ``w_0 / w_1`` must not depend on the other scores (true
-  for every ``f(s_j) / sum f``). This rejects the pre-normalised ``norm_*`` activations,
-  whose standardisation ``(s - mean) / sqrt(var + eps)`` maps O(n^{-1/2}) scores to O(1)
-  scores: they have no small-score expansion.
+  for every ``f(s_j) / sum f``). This rejects pre-normalised activations, whose
+  standardisation ``(s - mean) / sqrt(var + eps)`` maps O(n^{-1/2}) scores to O(1) scores:
+  they have no small-score expansion.
 
-Activations with ``w(0) != 1/m`` are rejected with a message saying why: ``f(0) = 0``
-(``sinmax``, ``sin2max``: the row sum vanishes at zero scores), not row-normalised
-(``polynomial*``, ``relu``, ``sigmoid``, ``linear``), or already shaped (``shaped_softmax``).
+Activations with ``w(0) != 1/m`` are rejected with a message saying why: ``f(0) = 0`` (the
+row sum vanishes at zero scores), not row-normalised, or already shaped.
+
+This module takes activations as callables ``fn(scores, mask=None) -> weights``; the
+registered names of :mod:`shaped_attn.activations` are resolved one layer up
+(:func:`sde.expansion`), so the theory never imports the module family.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Callable, NamedTuple, Union
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shaped_attn import activations
-
-from .params import AttentionConstants
-
-ActivationLike = Union[str, Callable]
 
 M_CHECK = 4
 """Row length (number of keys) at which the expansion is computed and checked."""
 
 _PROBE = (0.11, -0.23, 0.17, 0.05)
 """The point ``s*`` of the ratio test (small, generic, away from the poles of the periodic f)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConstants:
+    """Weights of the terms of the attention coefficients (softmax: 1, 1, 1 and shift 0).
+
+    The attention drift bracket is
+    ``trace_weight * V tr(V F) / m^2 + outer_weight * (diag(V) (V g)^T + (V g) diag(V)^T) / (2m)
+    + shift_weight * (diag(V) (V u)^T + (V u) diag(V)^T) / m`` with ``u = P V 1 / m``,
+    and the ``Acal`` term of the diffusion is multiplied by ``acal_weight``. For a
+    row-normalised activation with ``a1 = f'(0)/f(0)``, ``a2 = f''(0)/f(0)``
+    (:meth:`from_expansion`, docs/general_activation_sde.md): ``trace_weight = acal_weight =
+    a1^2``, ``outer_weight = a2``, ``shift_weight = a2 - a1^2``. Softmax (``a1 = a2 = 1``,
+    Noci et al., Appendix C.2) gives :data:`SOFTMAX`.
+    """
+
+    trace_weight: float = 1.0
+    outer_weight: float = 1.0
+    acal_weight: float = 1.0
+    shift_weight: float = 0.0
+
+    @classmethod
+    def from_expansion(cls, a1: float, a2: float) -> "AttentionConstants":
+        """The weights of an activation with ``f(s) = f(0) (1 + a1 s + a2 s^2 / 2 + ...)``."""
+        a1, a2 = float(a1), float(a2)
+        return cls(trace_weight=a1 * a1, outer_weight=a2, acal_weight=a1 * a1,
+                   shift_weight=a2 - a1 * a1)
+
+
+SOFTMAX = AttentionConstants()
+"""Attention constants of the shaped softmax (Noci et al., Appendix C.2)."""
 
 
 class ActivationExpansion(NamedTuple):
@@ -58,8 +89,12 @@ class ActivationExpansion(NamedTuple):
 
     @property
     def constants(self) -> AttentionConstants:
-        """The :class:`sde.params.AttentionConstants` of this expansion."""
+        """The :class:`AttentionConstants` of this expansion."""
         return AttentionConstants.from_expansion(self.a1, self.a2)
+
+
+SOFTMAX_EXPANSION = ActivationExpansion("softmax", 1.0, 1.0)
+"""Softmax: ``f = exp``, ``a1 = a2 = 1`` (the paper)."""
 
 
 def _row_function(fn: Callable, m: int) -> Callable:
@@ -89,12 +124,6 @@ def predicted_hessian(a1: float, a2: float, m: int) -> np.ndarray:
     )
 
 
-def _label(activation: ActivationLike) -> str:
-    if isinstance(activation, str):
-        return activation
-    return getattr(activation, "__name__", repr(activation))
-
-
 def _reject(name: str, why: str) -> ValueError:
     return ValueError(
         f"activation {name!r} has no small-score expansion of the row-normalised form "
@@ -103,11 +132,13 @@ def _reject(name: str, why: str) -> ValueError:
     )
 
 
-def compute_expansion(activation: ActivationLike, *, m: int = M_CHECK) -> ActivationExpansion:
-    """``a1``, ``a2`` of a registered activation name or a callable ``fn(scores, mask=None)``.
+def compute_expansion(fn: Callable, name: str = "", *, m: int = M_CHECK) -> ActivationExpansion:
+    """``a1``, ``a2`` of an activation ``fn(scores, mask=None) -> weights`` (in float64,
+    concrete even when called while a caller's function is traced, e.g. inside ``jax.jit``).
 
     Arguments:
-      activation: a name in :func:`shaped_attn.activations.names` or a callable.
+      fn: the activation, applied to scores ``[..., Lq, Lk]`` row by row.
+      name: its label in messages and in the result (default: ``fn.__name__``).
       m: row length used for the derivatives and the consistency checks (>= 3).
 
     Raises:
@@ -115,12 +146,11 @@ def compute_expansion(activation: ActivationLike, *, m: int = M_CHECK) -> Activa
         docstring): ``f(0) = 0``, not row-normalised, not of the form ``f(s_j) / sum f``
         (e.g. pre-normalised scores), or non-finite derivatives.
     """
-    name = _label(activation)
+    if not callable(fn):
+        raise ValueError(f"activation={fn!r} must be a callable fn(scores, mask=None)")
+    name = name or getattr(fn, "__name__", repr(fn))
     if m < 3:
         raise ValueError(f"m={m} must be >= 3 for the consistency checks")
-    fn = activations.resolve(activation)
-    # float64 whatever the session's default; concrete values even when first called while a
-    # caller's function is being traced (e.g. SDEParams built inside jax.jit)
     with jax.enable_x64(True), jax.ensure_compile_time_eval():
         return _compute(name, fn, m)
 
@@ -184,37 +214,7 @@ def _compute(name: str, fn: Callable, m: int) -> ActivationExpansion:
     return ActivationExpansion(name=name, a1=a1, a2=a2)
 
 
-@functools.lru_cache(maxsize=None)
-def _cached(name: str, fn: Callable) -> Union[ActivationExpansion, ValueError]:
-    del fn  # part of the cache key: a re-registered name is recomputed
-    try:
-        return compute_expansion(name)
-    except ValueError as err:  # rejections are cached too
-        return err
-
-
-def expansion(activation: ActivationLike) -> ActivationExpansion:
-    """:func:`compute_expansion` (always in float64), cached for registered names."""
-    if isinstance(activation, str):
-        fn = activations.get(activation)  # unknown name: ValueError listing the known ones
-        out = _cached(activation, fn)
-        if isinstance(out, ValueError):
-            raise ValueError(str(out))
-        return out
-    return compute_expansion(activation)
-
-
-def attention_constants(activation: ActivationLike) -> AttentionConstants:
-    """The :class:`AttentionConstants` of an activation (one source: its ``a1, a2``)."""
-    return expansion(activation).constants
-
-
-def expansion_table() -> dict[str, Union[ActivationExpansion, str]]:
-    """For every registered activation: its :class:`ActivationExpansion`, or the error text."""
-    out: dict[str, Union[ActivationExpansion, str]] = {}
-    for name in activations.names():
-        try:
-            out[name] = expansion(name)
-        except ValueError as err:
-            out[name] = str(err)
-    return out
+@functools.lru_cache(maxsize=256)
+def expansion_of(fn: Callable, name: str = "") -> ActivationExpansion:
+    """:func:`compute_expansion`, cached per function (a registered activation is one object)."""
+    return compute_expansion(fn, name)

@@ -3,8 +3,8 @@
 :class:`SDEParams` is a frozen, validated, hashable dataclass, so it can be a static argument of
 ``jax.jit``. It also owns the *block coefficients*: which multiple of each building block
 (``b_att``, ``b_relu``, ``Sigma_lin``, ``Acal``) a residual block contributes. Those four numbers
-are the only place where the block structure enters; :mod:`sde.coefficients` and
-:mod:`sde.noise` read them from here (one source of truth, spec/sde.md section 2):
+are the only place where the block structure enters; the drift, the diffusion and the noise
+read them from here (one source of truth, docs/sde.md §5):
 
 =============  ======================  ==================  ===========================  ============================
 block          attention drift coeff   ReLU drift coeff    ``Sigma_lin`` coeff ``k_lin``  ``Acal`` coeff
@@ -20,13 +20,16 @@ queries) gives 0 for both attention coefficients.
 
 Attention activation (``activation``, docs/general_activation_sde.md): a row-normalised
 ``w_j = f(s_j) / sum_k f(s_k)`` enters only through ``a1 = f'(0)/f(0)`` and
-``a2 = f''(0)/f(0)``, computed from the registered activation by
-:mod:`sde.activation_constants` and carried by :class:`AttentionConstants` (softmax:
-``a1 = a2 = 1``, the paper).
+``a2 = f''(0)/f(0)`` (an :class:`ActivationExpansion`, computed from the activation function
+itself; softmax: ``a1 = a2 = 1``, the paper).
+
+:meth:`SDEParams.from_block` is the bridge from a finite block's configuration
+(:class:`shaped_attn.config.BlockConfig`, read by attribute: this module never imports the
+module family) to its SDE, with a ValueError saying why for blocks that have none.
 
 Multi-head attention (``heads = H``; not in the paper; derived in
 docs/general_activation_sde.md and checked with the one-layer estimator
-:func:`sde.estimator.estimate_coefficients`). Both layouts keep the drift and divide the
+:func:`sde.estimate_coefficients`). Both layouts keep the drift and divide the
 ``Acal`` coefficient by ``H``. ``head_layout="sum"`` (``out_proj=False``: each head has its
 own ``n x n`` value map, outputs summed with weight ``1/sqrt(H)``) keeps the single-head
 ``Sigma_lin`` coefficient ``gamma^2 (2 - gamma^2)``: the summed value maps act like one
@@ -39,40 +42,15 @@ included).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import Callable, Optional, Union
 
-from .validation import check_choice, check_interval, check_positive_int, check_positive_real, check_real
+from .._helpers.validation import check_choice, check_int, check_number, check_real
+from .constants import SOFTMAX_EXPANSION, ActivationExpansion, AttentionConstants, expansion_of
+from .smooth_mlp import mlp_constants
 
-
-@dataclasses.dataclass(frozen=True)
-class AttentionConstants:
-    """Weights of the terms of the attention coefficients (softmax: 1, 1, 1 and shift 0).
-
-    The attention drift bracket is
-    ``trace_weight * V tr(V F) / m^2 + outer_weight * (diag(V) (V g)^T + (V g) diag(V)^T) / (2m)
-    + shift_weight * (diag(V) (V u)^T + (V u) diag(V)^T) / m`` with ``u = P V 1 / m``,
-    and the ``Acal`` term of the diffusion is multiplied by ``acal_weight``. For a
-    row-normalised activation with ``a1 = f'(0)/f(0)``, ``a2 = f''(0)/f(0)``
-    (:meth:`from_expansion`, docs/general_activation_sde.md): ``trace_weight = acal_weight =
-    a1^2``, ``outer_weight = a2``, ``shift_weight = a2 - a1^2``. Softmax (``a1 = a2 = 1``,
-    Noci et al., Appendix C.2) gives :data:`SOFTMAX`.
-    """
-
-    trace_weight: float = 1.0
-    outer_weight: float = 1.0
-    acal_weight: float = 1.0
-    shift_weight: float = 0.0
-
-    @classmethod
-    def from_expansion(cls, a1: float, a2: float) -> "AttentionConstants":
-        """The weights of an activation with ``f(s) = f(0) (1 + a1 s + a2 s^2 / 2 + ...)``."""
-        a1, a2 = float(a1), float(a2)
-        return cls(trace_weight=a1 * a1, outer_weight=a2, acal_weight=a1 * a1,
-                   shift_weight=a2 - a1 * a1)
-
-
-SOFTMAX = AttentionConstants()
-"""Attention constants of the shaped softmax (Noci et al., Appendix C.2)."""
+ActivationLike = Union[str, ActivationExpansion, Callable]
 
 
 BLOCKS = ("attention", "mlp", "transformer")
@@ -84,7 +62,7 @@ HEAD_LAYOUTS = ("sum", "concat")
 
 @dataclasses.dataclass(frozen=True)
 class SDEParams:
-    """Parameters of the covariance SDE of one residual block (spec/sde.md section 2).
+    """Parameters of the covariance SDE of one residual block (docs/sde.md §5).
 
     Arguments:
       gamma: residual branch gain, in (0, 1]; the skip gain is ``lam = sqrt(1 - gamma^2)``.
@@ -95,10 +73,12 @@ class SDEParams:
       block: one of ``"attention"``, ``"mlp"``, ``"transformer"`` (attention + MLP per layer).
       heads: number of attention heads H >= 1; divides the ``Acal`` term by H (see the
         module docstring; verified with the one-layer estimator).
-      activation: registered attention activation (:func:`shaped_attn.activations.names`)
-        of the row-normalised form ``f(s_j) / sum f`` with ``f(0) != 0``; its ``a1, a2``
-        (:mod:`sde.activation_constants`) set the attention coefficients. ``"softmax"`` is
-        the paper. Others (``f(0) = 0``, pre-normalised, not row-normalised) raise.
+      activation: the attention activation, of the row-normalised form ``f(s_j) / sum f``
+        with ``f(0) != 0``: ``"softmax"`` (the paper), an :class:`ActivationExpansion`
+        (``sde.expansion(name)`` for a registered name of :mod:`shaped_attn.activations`) or
+        a callable ``fn(scores, mask=None)``, whose ``a1, a2`` are computed by JAX derivatives.
+        Stored as its :class:`ActivationExpansion`. Activations without such an expansion
+        (``f(0) = 0``, pre-normalised, not row-normalised) raise.
       head_layout: ``"sum"`` (heads summed with ``1/sqrt(H)``, ``out_proj=False``) or
         ``"concat"`` (concatenate + output projection, ``out_proj=True``); sets ``k_lin``.
       mlp_activation: ``"relu"`` (the shaped ReLU with ``c_plus``, ``c_minus``) or a smooth
@@ -117,36 +97,53 @@ class SDEParams:
     c_minus: float = -1.0
     block: str = "transformer"
     heads: int = 1
-    activation: str = "softmax"
+    activation: ActivationLike = "softmax"
     head_layout: str = "sum"
     mlp_activation: object = "relu"
     mlp_scale: float = 1.0
 
     def __post_init__(self):
-        gamma = check_interval("gamma", self.gamma, 0, 1)
-        tau0 = check_interval("tau0", self.tau0, 0, math.inf)
-        c_plus = check_real("c_plus", self.c_plus)
-        c_minus = check_real("c_minus", self.c_minus)
+        set_ = functools.partial(object.__setattr__, self)  # normalised values hash equally
+        set_("gamma", check_number("gamma", self.gamma, 0, 1, hi_closed=True))
+        set_("tau0", check_number("tau0", self.tau0, 0, math.inf, hi_closed=True))
+        set_("c_plus", check_real("c_plus", self.c_plus))
+        set_("c_minus", check_real("c_minus", self.c_minus))
         check_choice("block", self.block, BLOCKS)
-        check_positive_int("heads", self.heads)
+        set_("heads", check_int("heads", self.heads))
         check_choice("head_layout", self.head_layout, HEAD_LAYOUTS)
-        if not isinstance(self.activation, str):
-            raise ValueError(f"activation={self.activation!r} must be a registered name (a str)")
-        from shaped_attn import activations  # noqa: PLC0415
-
-        activations.get(self.activation)  # unknown name: ValueError listing the known ones
-        # Normalise to Python floats / ints so that equal parameters hash equally.
-        object.__setattr__(self, "gamma", gamma)
-        object.__setattr__(self, "tau0", tau0)
-        object.__setattr__(self, "c_plus", c_plus)
-        object.__setattr__(self, "c_minus", c_minus)
-        object.__setattr__(self, "heads", int(self.heads))
-        mlp_scale = check_positive_real("mlp_scale", self.mlp_scale)
-        object.__setattr__(self, "mlp_scale", mlp_scale)
+        set_("mlp_scale", check_number("mlp_scale", self.mlp_scale))
+        set_("activation", _activation_expansion(self.activation))
         if self.smooth_mlp:
             self.mlp_constants  # noqa: B018  (ValueError for a bad activation)
-        if self.has_attention:
-            self.attention_constants  # noqa: B018  (ValueError if no small-score expansion)
+
+    @classmethod
+    def from_block(cls, cfg) -> "SDEParams":
+        """The covariance SDE of a finite block ``cfg`` (a :class:`shaped_attn.config.BlockConfig`)
+        at initialisation, in the limit of docs/model.md §1.
+
+        Sub-layers ``"both"``, ``"attention"``, ``"mlp"`` give blocks ``"transformer"``,
+        ``"attention"``, ``"mlp"``; zero-initialised queries give ``tau0 = inf``; ``out_proj``
+        gives ``head_layout="concat"``. The paper's training initialisation (``init="paper"``,
+        ``tau = tau0 sqrt(n_k)``) has the SDE of the shaped temperature with the same ``tau0``.
+
+        Raises:
+          ValueError: saying why for a block that has no such limit (LayerNorm, unshaped,
+            the ablations, causal masking, standard init, ...; docs/model.md §2).
+        """
+        why = _no_limit(cfg)
+        if why:
+            raise ValueError(f"this block has no covariance SDE in this library: {why} (docs/model.md §2)")
+        att = cfg.attention
+        activation = "softmax"
+        if cfg.has_attention and att.activation != "softmax":
+            activation = expansion_of(att.activation_fn, att.activation if isinstance(att.activation, str) else "")
+        return cls(
+            gamma=cfg.gamma, tau0=math.inf if att.query_init == "zero" else att.tau0,
+            c_plus=cfg.c_plus, c_minus=cfg.c_minus,
+            block={"both": "transformer", "attention": "attention", "mlp": "mlp"}[cfg.sublayers],
+            heads=att.num_heads, activation=activation,
+            head_layout="concat" if att.out_proj else "sum",
+        )
 
     # ----------------------------------------------------------------- block coefficients
 
@@ -162,11 +159,8 @@ class SDEParams:
 
     @property
     def attention_constants(self) -> AttentionConstants:
-        """Weights of the attention coefficient terms from ``activation``'s ``a1, a2``
-        (:func:`sde.activation_constants.attention_constants`; softmax: :data:`SOFTMAX`)."""
-        from .activation_constants import attention_constants  # noqa: PLC0415
-
-        return attention_constants(self.activation)
+        """Weights of the attention coefficient terms from ``activation``'s ``a1, a2``."""
+        return self.activation.constants
 
     @property
     def smooth_mlp(self) -> bool:
@@ -175,13 +169,9 @@ class SDEParams:
 
     @property
     def mlp_constants(self):
-        """Second and third derivatives at 0 of a smooth MLP activation
-        (:func:`sde.smooth_mlp.mlp_constants`); None for the shaped ReLU."""
-        if not self.smooth_mlp:
-            return None
-        from .smooth_mlp import mlp_constants  # noqa: PLC0415
-
-        return mlp_constants(self.mlp_activation)
+        """Second and third derivatives at 0 of a smooth MLP activation (docs/sde.md §7);
+        None for the shaped ReLU."""
+        return mlp_constants(self.mlp_activation) if self.smooth_mlp else None
 
     @property
     def attention_scale(self) -> float:
@@ -220,3 +210,48 @@ class SDEParams:
         if not self.has_attention or math.isinf(self.tau0):
             return 0.0
         return self.attention_constants.acal_weight * self.gamma**4 / (self.tau0**2 * self.heads)
+
+
+def _activation_expansion(activation: ActivationLike) -> ActivationExpansion:
+    """``activation`` as an :class:`ActivationExpansion` (see :class:`SDEParams`)."""
+    if isinstance(activation, ActivationExpansion):
+        return activation
+    if isinstance(activation, str):
+        if activation == "softmax":
+            return SOFTMAX_EXPANSION
+        raise ValueError(
+            f"activation={activation!r}: the theory knows only 'softmax' by name; pass "
+            f"sde.expansion({activation!r}) for a registered activation, a callable, or build the "
+            "parameters with SDEParams.from_block(config)"
+        )
+    if callable(activation):
+        return expansion_of(activation, "")
+    raise ValueError(f"activation={activation!r} must be 'softmax', an ActivationExpansion or a callable")
+
+
+def _no_limit(cfg) -> Optional[str]:
+    """Why the block ``cfg`` has no covariance SDE here, or None (see :meth:`SDEParams.from_block`)."""
+    att = cfg.attention
+    if cfg.layer_norm:
+        return f"kind={cfg.kind!r} has LayerNorm"
+    if cfg.kind != "shaped":
+        return (f"kind={cfg.kind!r}: plain attention and the standard ReLU do not approach the "
+                "identity, so the covariance degenerates (rank collapse) instead of diffusing")
+    if cfg.init == "standard":
+        return "init='standard' (truncated-normal kernels and biases) is not the theory's Gaussian init"
+    lam = math.sqrt(1.0 - cfg.gamma**2)
+    if cfg.lam is not None and not math.isclose(cfg.lam, lam, rel_tol=1e-12, abs_tol=1e-15):
+        return f"lam={cfg.lam!r} is not sqrt(1 - gamma^2) = {lam!r}"
+    if cfg.has_mlp and cfg.mlp_hidden != cfg.width:
+        return f"mlp_hidden={cfg.mlp_hidden} differs from width={cfg.width}"
+    if not cfg.has_attention:
+        return None
+    if (att.identity_gain, att.centre_gain) != (1.0, 1.0):
+        return (f"identity_gain={att.identity_gain!r}, centre_gain={att.centre_gain!r}: the SDE needs "
+                "A = I + act(Y / tau) - 11^T/m (the no_identity / no_centre ablations have none)")
+    if att.temperature != ("standard" if cfg.init == "paper" else "shaped"):
+        return (f"temperature={att.temperature!r} with init={cfg.init!r}: the scores are O(1), not "
+                "O(1/sqrt(n)) (the no_sqrt_n ablation)")
+    if att.causal:
+        return "causal attention: the SDE here is that of bidirectional attention"
+    return None

@@ -1,12 +1,12 @@
 """Noise of the covariance SDE: the structured O(m^3) route and the generic square-root route.
 
-Structured route (spec/sde.md section 3). With ``L L^T = V`` and ``Z1, Z2`` iid standard
+Structured route (docs/noise.md §1). With ``L L^T = V`` and ``Z1, Z2`` iid standard
 Gaussian ``m x m`` matrices,
 
     N = sqrt(k_lin / 2) L (Z1 + Z1^T) L^T + c (L Z2 M^T + M Z2^T L^T),   c = sqrt(acal_coeff),
 
 has, over its upper-triangular entries, covariance ``k_lin Sigma_lin(V) + acal_coeff Acal(V)``
-= :func:`sde.coefficients.diffusion_matrix` (``acal_coeff = gamma^4 / (tau0^2 H)``, so
+= :func:`diffusion_matrix` (``acal_coeff = gamma^4 / (tau0^2 H)``, so
 ``c = gamma^2 / (tau0 sqrt(H))``). Proof: with ``U = L Z M^T``,
 ``Cov(U_ab, U_dw) = (L L^T)_ad (M M^T)_bw``, ``Cov(U_ab, U_wd) = (L L^T)_aw (M M^T)_bd``, so
 ``Cov((U + U^T)_ab, (U + U^T)_dw) = V_ad G_bw + V_aw G_bd + G_ad V_bw + G_aw V_bd = Acal[ab, dw]``
@@ -24,17 +24,12 @@ directly (off-diagonal N(0, 1), diagonal N(0, 2)) from ``m (m + 1) / 2`` normals
 is 25% (50%) fewer random numbers than two full matrices, and random number generation is the
 largest single cost of a step on CPU.
 
-Factor of ``V`` (:func:`psd_factor`): ``"eigh"`` uses the eigendecomposition with eigenvalues
-clipped at 0 (exact for PSD ``V``, including singular ``V``; for slightly indefinite ``V`` it
-factors the PSD part ``V_+``). ``"cholesky"`` uses ``chol(V)`` and falls back to ``"eigh"``
-where Cholesky fails (singular or slightly indefinite ``V``; JAX returns NaN there), so it is
-exact on the PSD boundary too. On CPU Cholesky is 5-15x faster than ``eigh`` for the small
-matrices used here, so the solver uses it by default; the fallback runs only when some path
-of a chunk needs it.
+The factor ``L`` of ``V`` is a Cholesky or clipped-eigh factor (docs/noise.md §4).
 
 Generic route: build ``Sigma(V)`` (``D x D``, ``D = m (m + 1) / 2``), take a PSD square root by
 ``eigh`` with clipped eigenvalues, multiply a standard normal ``D``-vector and map it back to a
-symmetric matrix. O(m^6) per draw; it is the reference the structured route is tested against.
+symmetric matrix. O(m^6) per draw; it is the reference the structured route is tested
+against (docs/noise.md §2).
 """
 
 from __future__ import annotations
@@ -45,12 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .coefficients import diffusion_matrix, upper_indices, vec_to_sym
+from .._helpers.linalg import psd_factor, psd_sqrt
+from .._helpers.symmetric import upper_indices, vec_to_sym
+from .coefficients import diffusion_matrix
 from .params import SDEParams
 
 Array = jax.Array
-
-FACTORS = ("eigh", "cholesky")
 
 _barrier = jax.lax.optimization_barrier
 
@@ -63,58 +58,6 @@ def _mm(A: Array, B: Array) -> Array:
     if A.shape[-1] < _SMALL_M:
         return jnp.sum(A[..., :, :, None] * B[..., None, :, :], axis=-2)
     return A @ B
-
-
-# --------------------------------------------------------------------------- factors
-
-
-def eigh_factor(V: Array) -> Array:
-    """``L = Q diag(sqrt(max(w, 0)))`` with ``V = Q diag(w) Q^T``; ``L L^T = V_+`` (PSD part)."""
-    w, Q = jnp.linalg.eigh(V)
-    return Q * jnp.sqrt(jnp.maximum(w, 0.0))[..., None, :]
-
-
-def factor_and_check(V: Array, tol, factor: str = "cholesky", active=None) -> tuple[Array, Array]:
-    """A factor ``L`` (``L L^T = V``, or ``V_+`` on the boundary) and ``lambda_min(V) >= -tol``.
-
-    ``factor="eigh"``: eigendecomposition with clipped eigenvalues. ``factor="cholesky"``:
-    ``chol(V)`` (success implies ``V`` positive definite, so the check passes); where it fails
-    (singular or indefinite ``V``) the eigendecomposition is used instead, for both the factor
-    and the check. The fallback runs under ``lax.cond`` only if some matrix of the batch needs
-    it (inside a user's ``vmap`` the cond becomes a select, still correct). ``tol`` broadcasts
-    against ``V.shape[:-2]``. ``active`` (bool, ``V.shape[:-2]``; default all) marks the
-    matrices whose result matters: inactive ones (e.g. stopped paths, possibly non-finite)
-    never trigger the fallback and their outputs are unspecified.
-    """
-    tol = jnp.broadcast_to(jnp.asarray(tol, V.dtype), V.shape[:-2])
-    if factor == "eigh":
-        if active is not None:
-            V = jnp.where(active[..., None, None], V, jnp.eye(V.shape[-1], dtype=V.dtype))
-        w, Q = jnp.linalg.eigh(V)
-        return Q * jnp.sqrt(jnp.maximum(w, 0.0))[..., None, :], w[..., 0] >= -tol
-    if factor != "cholesky":
-        raise ValueError(f"factor={factor!r} is not one of {FACTORS}")
-    # V is symmetric, so symmetrize_input is not needed (it would cost a transposed pass).
-    L0 = jnp.linalg.cholesky(V, symmetrize_input=False)
-    ok = jnp.all(jnp.isfinite(L0), axis=(-2, -1))
-    need = ~ok if active is None else (~ok & active)
-
-    def fallback(_):
-        Vs = V if active is None else jnp.where(active[..., None, None], V, jnp.eye(V.shape[-1], dtype=V.dtype))
-        w, Q = jnp.linalg.eigh(Vs)
-        Le = Q * jnp.sqrt(jnp.maximum(w, 0.0))[..., None, :]
-        return jnp.where(ok[..., None, None], L0, Le), ok | (w[..., 0] >= -tol)
-
-    return jax.lax.cond(jnp.any(need), fallback, lambda _: (L0, ok), None)
-
-
-def psd_factor(V: Array, factor: str = "eigh") -> Array:
-    """A matrix ``L`` with ``L L^T = V`` (``V_+`` for slightly indefinite ``V``).
-
-    ``"eigh"``: clipped eigendecomposition. ``"cholesky"``: Cholesky, with the ``"eigh"``
-    factor where Cholesky fails (singular ``V``); see :func:`factor_and_check`.
-    """
-    return factor_and_check(V, 0.0, factor)[0]
 
 
 def attention_factor(V: Array, L: Array) -> Array:
@@ -159,7 +102,7 @@ def structured_noise(V: Array, L: Array, Z1: Array, Z2: Array, params: SDEParams
     """Structured noise ``N`` from a factor ``L`` of ``V`` and Gaussian matrices ``Z1, Z2``.
 
     ``N = sqrt(k_lin / 2) L (Z1 + Z1^T) L^T + c (L Z2 M^T + M Z2^T L^T)``, ``c^2 = acal_coeff``,
-    ``M = V P L / m`` (spec section 3). Linear in ``(Z1, Z2)``; all arrays ``(..., m, m)``.
+    ``M = V P L / m`` (docs/noise.md §1). Linear in ``(Z1, Z2)``; all arrays ``(..., m, m)``.
     ``Z2`` is ignored when ``acal_coeff = 0`` (MLP block, ``tau0 = inf``, ``m = 1``).
     """
     S = _barrier(Z1 + jnp.swapaxes(Z1, -1, -2)) / math.sqrt(2.0)
@@ -207,12 +150,6 @@ def sample_noise(key: Array, V: Array, params: SDEParams, *, factor: str = "eigh
 
 
 # --------------------------------------------------------------------------- generic route
-
-
-def psd_sqrt(S: Array) -> Array:
-    """Symmetric PSD square root ``Q diag(sqrt(max(w, 0))) Q^T`` of a symmetric matrix."""
-    w, Q = jnp.linalg.eigh(S)
-    return (Q * jnp.sqrt(jnp.maximum(w, 0.0))[..., None, :]) @ jnp.swapaxes(Q, -1, -2)
 
 
 def generic_diffusion_factor(V: Array, params: SDEParams) -> Array:

@@ -2,7 +2,8 @@
 
 References: Noci et al., "The Shaped Transformer" (arXiv 2306.17759), Theorem 3.2 and Appendix
 C.2 (attention); Li, Nica, Roy, "The Neural Covariance SDE" (arXiv 2206.02768) (shaped ReLU).
-Every formula below is written exactly once; spec/sde.md section 2 is the reference.
+Every formula below is written exactly once; docs/sde.md §2-5 derives them and
+docs/sde.md §10 lists the paper's typos and how each was checked.
 
 State and conventions:
 
@@ -10,9 +11,9 @@ State and conventions:
   axes, pure, and ``jit``/``vmap``-able.
 - The diffusion matrix is a covariance over the ``D = m (m + 1) / 2`` upper-triangular entries
   ``(a, b)``, ``a <= b``, ordered row-major: ``(0,0), (0,1), ..., (0,m-1), (1,1), ...``
-  (:func:`upper_indices`). Its shape is ``(..., D, D)``.
+  (docs/sde.md §1). Its shape is ``(..., D, D)``.
 
-Building blocks (no block coefficients; :class:`sde.params.SDEParams` owns those):
+Building blocks (no block coefficients; :class:`SDEParams` owns those):
 
 - ``Sigma_lin(V)[ab, dw] = V_ad V_bw + V_aw V_bd``
 - ``Acal(V)[ab, dw] = V_ad G_bw + G_ad V_bw + V_aw G_bd + G_aw V_bd``,
@@ -25,84 +26,23 @@ Building blocks (no block coefficients; :class:`sde.params.SDEParams` owns those
   appendix has ``(c_plus + c_minus)^2`` and ``+ rho arccos(rho)``: both typos
   (``nu(1) = 0`` is required for the diagonal to be a martingale).
 
-Block combinations (spec section 2): ``drift = [attention] b_att + relu_drift_coeff b_relu``
+Block combinations (docs/sde.md §5): ``drift = [attention] b_att + relu_drift_coeff b_relu``
 and ``diffusion_matrix = k_lin Sigma_lin + acal_coeff Acal``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from .params import SOFTMAX, AttentionConstants, SDEParams
+from .._helpers.symmetric import upper_indices
+from .constants import SOFTMAX, AttentionConstants
+from .params import SDEParams
+from .smooth_mlp import drift_smooth
 
 Array = jax.Array
-
-
-# --------------------------------------------------------------------------- index helpers
-
-
-@functools.lru_cache(maxsize=None)
-def upper_indices(m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column indices of the upper triangle (diagonal included), row-major.
-
-    Returns ``(rows, cols)``, two int arrays of length ``D = m (m + 1) / 2`` with
-    ``(rows[p], cols[p]) = (0,0), (0,1), ..., (0,m-1), (1,1), ...``.
-    """
-    if m < 1:
-        raise ValueError(f"m={m} must be >= 1")
-    rows, cols = np.triu_indices(m)
-    rows.setflags(write=False)
-    cols.setflags(write=False)
-    return rows, cols
-
-
-def num_upper(m: int) -> int:
-    """``D = m (m + 1) / 2``, the number of upper-triangular entries of an m x m matrix."""
-    return m * (m + 1) // 2
-
-
-def dim_from_num_upper(D: int) -> int:
-    """Inverse of :func:`num_upper`; raises ValueError if ``D`` is not triangular."""
-    m = int(round((math.sqrt(8 * D + 1) - 1) / 2))
-    if m < 1 or num_upper(m) != D:
-        raise ValueError(f"D={D} is not m (m + 1) / 2 for an integer m >= 1")
-    return m
-
-
-@functools.lru_cache(maxsize=None)
-def sym_index(m: int) -> np.ndarray:
-    """``(m, m)`` int array: position in the upper-triangle vector of entry ``(a, b)``.
-
-    Symmetric: ``sym_index(m)[a, b] == sym_index(m)[b, a]``.
-    """
-    rows, cols = upper_indices(m)
-    idx = np.empty((m, m), dtype=np.int64)
-    idx[rows, cols] = np.arange(len(rows))
-    idx[cols, rows] = np.arange(len(rows))
-    idx.setflags(write=False)
-    return idx
-
-
-def sym_to_vec(A: Array) -> Array:
-    """Upper-triangle vector ``(..., D)`` of a (symmetric) matrix ``(..., m, m)``."""
-    rows, cols = upper_indices(A.shape[-1])
-    return A[..., rows, cols]
-
-
-def vec_to_sym(v: Array) -> Array:
-    """Symmetric matrix ``(..., m, m)`` from its upper-triangle vector ``(..., D)``."""
-    m = dim_from_num_upper(v.shape[-1])
-    return v[..., sym_index(m)]
-
-
-def symmetrize(A: Array) -> Array:
-    """``(A + A^T) / 2`` over the last two axes."""
-    return 0.5 * (A + jnp.swapaxes(A, -1, -2))
 
 
 # --------------------------------------------------------------------------- linear algebra
@@ -290,12 +230,10 @@ def drift(V: Array, params: SDEParams) -> Array:
 
 def drift_mlp(V: Array, params: SDEParams) -> Array:
     """The MLP drift without ``gamma^2``: :func:`drift_relu`, or for a smooth
-    ``params.mlp_activation`` :func:`sde.smooth_mlp.drift_smooth` with its second and third
+    ``params.mlp_activation`` :func:`drift_smooth` with its second and third
     derivatives at 0 and ``a = params.mlp_scale`` (Li, Nica, Roy 2022)."""
     if not params.smooth_mlp:
         return drift_relu(V, params)
-    from .smooth_mlp import drift_smooth  # noqa: PLC0415
-
     k = params.mlp_constants
     return drift_smooth(V, k.p2, k.p3, params.mlp_scale)
 
@@ -310,37 +248,3 @@ def diffusion_matrix(V: Array, params: SDEParams) -> Array:
     if params.acal_coeff != 0.0:
         out = out + params.acal_coeff * acal(V)
     return out
-
-
-# --------------------------------------------------------------------------- correlation SDE
-
-
-def _check_mlp(params: SDEParams) -> None:
-    if params.block != "mlp":
-        raise ValueError(
-            f"block={params.block!r}: the autonomous correlation SDE exists for block='mlp' only"
-        )
-    if params.smooth_mlp:
-        raise ValueError(
-            f"mlp_activation={params.mlp_activation!r}: the correlation SDE here is the shaped "
-            "ReLU's (the smooth MLP's drift depends on V_aa, V_bb, not on rho alone)"
-        )
-
-
-def correlation_drift(rho: Array, params: SDEParams) -> Array:
-    """Drift of ``rho = V12 / sqrt(V11 V22)`` under the residual shaped-ReLU MLP block.
-
-    By Ito's formula on the ``m = 2`` SDE ``dV = gamma^2 b_relu dt + sqrt(k_lin) Sigma_lin^{1/2} dB``:
-    ``relu_drift_coeff * nu(rho) - (k_lin / 2) rho (1 - rho^2)``, i.e.
-    ``gamma^2 [nu(rho) - rho (1 - rho^2)]`` (spec section 5).
-    """
-    _check_mlp(params)
-    return params.relu_drift_coeff * relu_nu(
-        rho, params.c_plus, params.c_minus
-    ) - 0.5 * params.k_lin * rho * (1.0 - rho * rho)
-
-
-def correlation_diffusion(rho: Array, params: SDEParams) -> Array:
-    """Diffusion of ``rho``: ``sqrt(k_lin) (1 - rho^2) = sqrt(2) gamma (1 - rho^2)``."""
-    _check_mlp(params)
-    return math.sqrt(params.k_lin) * (1.0 - rho * rho)

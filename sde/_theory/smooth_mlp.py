@@ -1,6 +1,6 @@
 """Shaped MLPs with a smooth activation (Li, Nica, Roy, "The Neural Covariance SDE",
-arXiv 2206.02768): the SDE drift, the activation constants, and a finite layer for the
-one-layer estimator.
+arXiv 2206.02768): the SDE drift and the activation constants (docs/sde.md §7). The finite
+layer is :func:`sde.smooth_mlp_layer`.
 
 Finite block (width n, hidden width n, all weights iid N(0, 1), ``g ~ N(0, 1)``):
 
@@ -32,7 +32,6 @@ from typing import Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 PhiLike = Union[str, Callable[[Array], Array]]
@@ -43,10 +42,6 @@ SMOOTH_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "sin": jnp.sin,
 }
 """Smooth MLP activations with ``phi(0) = 0``, ``phi'(0) = 1`` (the default set)."""
-
-QUADRATURE_NODES = 96
-"""Gauss-Hermite nodes for ``E[phi_s(g)^2]`` (exact for polynomials of degree < 192)."""
-
 
 class MLPConstants(NamedTuple):
     """``p2 = phi''(0)``, ``p3 = phi'''(0)`` of a smooth MLP activation."""
@@ -108,40 +103,3 @@ def drift_smooth(V: Array, p2: float, p3: float, a: float) -> Array:
     return (p2 * p2 / (4.0 * a * a)) * (daa * dbb + V * (2.0 * V - 3.0)) + (
         p3 / (2.0 * a * a)
     ) * V * (daa + dbb - 2.0)
-
-
-# --------------------------------------------------------------------------- finite layer
-
-
-def normaliser(phi: PhiLike, s: float) -> float:
-    """``c = 1 / E[phi_s(g)^2]``, ``phi_s(x) = s phi(x / s)``, by Gauss-Hermite quadrature."""
-    fn = resolve_phi(phi)
-    x, w = np.polynomial.hermite_e.hermegauss(QUADRATURE_NODES)
-    with jax.ensure_compile_time_eval(), jax.enable_x64(True):  # a constant, even under jit
-        vals = np.asarray(s * fn(jnp.asarray(x / s, jnp.float64)), np.float64)
-    return float(math.sqrt(2 * math.pi) / np.sum(w * vals * vals))
-
-
-def smooth_mlp_layer(phi: PhiLike, a: float, gamma: float) -> Callable[[Array, Array], Array]:
-    """The finite residual smooth-MLP block as ``layer(key, X) -> X'`` (X: m x n) for
-    :func:`sde.estimator.estimate_coefficients`.
-
-    ``X W_pre / sqrt(n)`` and ``h W_post / sqrt(n)`` are drawn exactly by the Gram sampler's
-    :func:`sde.finite.gram_map` (``R G`` with ``R R^T = x x^T / n``), keeping the n hidden
-    features so that ``phi`` acts on each of them. ``c`` is computed per width.
-    """
-    from .finite import gram_map  # noqa: PLC0415  (finite imports the model stack)
-
-    fn = resolve_phi(phi)
-    lam = math.sqrt(1.0 - gamma * gamma)
-
-    def layer(key, X):
-        n = X.shape[-1]
-        s = a * math.sqrt(n)
-        c = normaliser(phi, s)
-        k_in, k_out = jax.random.split(key)
-        h = gram_map(k_in, n)(X)
-        branch = gram_map(k_out, n)(math.sqrt(c) * s * fn(h / s))
-        return lam * X + gamma * branch
-
-    return layer

@@ -1,13 +1,15 @@
-"""Agreement statistics between finite-network samples and SDE paths.
+"""Agreement statistics between finite-network samples and SDE paths (docs/experiments.md §2-3).
 
-The paper shows only pictures (spec/sde.md section 6); we quantify agreement with the
-two-sample Kolmogorov-Smirnov statistic and Wasserstein-1 distance (scipy.stats), quantiles
-with bootstrap standard errors, and per-layer means with standard-error bands. Stopped samples
-are excluded from every statistic and counted separately, so no statistic ever sees NaN.
+The paper shows only pictures; we quantify agreement with the two-sample Kolmogorov-Smirnov
+statistic and Wasserstein-1 distance (scipy.stats), quantiles with bootstrap standard errors,
+moment differences with standard errors from both Monte Carlo sides, and per-layer means with
+standard-error bands. Stopped samples are excluded from every statistic and counted
+separately, so no statistic ever sees NaN.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,10 +110,40 @@ def band(values, keep=None) -> Band:
     return Band(mean=mean, se=se, median=median, lo=lo, hi=hi)
 
 
-def stopped_fraction(stopped) -> float:
-    """Fraction of samples flagged as stopped (blow-up or loss of PSD)."""
-    s = np.asarray(stopped, dtype=bool)
-    return float(s.mean()) if s.size else 0.0
+def ks_floor(n1: int, n2: int) -> float:
+    """Mean two-sample KS statistic of two samples of one law, ``0.8687 sqrt(1/n1 + 1/n2)``
+    (asymptotic; docs/experiments.md §2): distances near it are sampling noise."""
+    return 0.8687 * math.sqrt(1 / n1 + 1 / n2)
+
+
+@dataclass(frozen=True)
+class MomentDifference:
+    """``a - b`` of one moment of two independent samples, with its standard error."""
+
+    diff: float
+    se: float
+
+    @property
+    def z(self) -> float:
+        """The difference in standard errors (0 for an exact zero difference)."""
+        return 0.0 if self.diff == 0 else self.diff / self.se if self.se > 0 else math.copysign(math.inf, self.diff)
+
+
+def _mean_var_se(x: np.ndarray) -> tuple[float, float, float, float]:
+    n = x.size
+    mean, var = x.mean(), x.var(ddof=1)
+    m4 = np.mean((x - mean) ** 4)
+    return float(mean), math.sqrt(var / n), float(var), math.sqrt(max(m4 - var * var, 0.0) / n)
+
+
+def compare_moments(a, b) -> dict[str, MomentDifference]:
+    """Differences of the mean and of the variance of two independent samples ``a``, ``b``
+    (e.g. finite networks and SDE paths), each with the standard error from both sides:
+    ``SE(mean) = sqrt(var / n)``, ``SE(var) = sqrt((m4 - var^2) / n)`` (docs/experiments.md §3)."""
+    ma, sa, va, sva = _mean_var_se(_finite_1d("a", a))
+    mb, sb, vb, svb = _mean_var_se(_finite_1d("b", b))
+    return {"mean": MomentDifference(ma - mb, math.hypot(sa, sb)),
+            "var": MomentDifference(va - vb, math.hypot(sva, svb))}
 
 
 def fit_power_law(x, y) -> tuple[float, float]:

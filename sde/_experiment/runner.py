@@ -1,0 +1,116 @@
+"""The work units of an experiment, run chunk by chunk with resume (docs/experiments.md §1).
+
+A unit is one finite ensemble ``("finite", variant, gamma, width, depth, tau0)`` or one SDE
+ensemble ``("sde", gamma, T, tau0)``; its key is ``fold_in(key(seed), crc32(name))``, so it
+depends on the seed and the unit's identity only. Each unit is computed in chunks of
+``config.chunk`` samples; with a run directory every finished chunk is written atomically and
+read back on a rerun, so an interrupted run resumes to the same result.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+from shaped_attn.rundir import RunDir
+
+from .._helpers.devices import unit_key
+from .._helpers.ensemble import Ensemble
+from .._mc.sampler import FiniteSampler, stop_samples
+from .._theory.solve import solve
+from .config import ExperimentConfig
+
+
+def plan(cfg: ExperimentConfig) -> list[tuple]:
+    """The work units of ``cfg``, without repeats, the headline pair first."""
+    tau = cfg.tau0
+    units = [("finite", "shaped", cfg.gamma, cfg.width, cfg.depth, tau), ("sde", cfg.gamma, cfg.T, tau)]
+    units += [("finite", v, cfg.gamma, cfg.width, cfg.depth, tau) for v in cfg.variants]
+    for t in cfg.stability_tau0s:
+        for g in cfg.gammas:
+            units += [("finite", "shaped", g, cfg.width, cfg.depth, t), ("sde", g, cfg.T, t)]
+    for w in cfg.sweep_widths:
+        units.append(("finite", "shaped", cfg.gamma, w, max(1, round(cfg.T * w)), tau))
+    return list(dict.fromkeys(units))
+
+
+def unit_name(cfg: ExperimentConfig, unit: tuple) -> str:
+    """The file-name-safe identity of a unit (also the source of its key)."""
+    tau = "" if unit[-1] == cfg.tau0 else f"-tau{unit[-1]:.6g}"
+    if unit[0] == "finite":
+        _, variant, gamma, width, depth, _ = unit
+        return f"finite-{variant}-g{gamma:.6g}-n{width}-d{depth}{tau}"
+    _, gamma, T, _ = unit
+    return f"sde-{cfg.block}-g{gamma:.6g}-T{T:.6g}{tau}"
+
+
+class Runner:
+    """Runs the units of ``cfg``, storing and reusing chunks in ``run`` (None: in memory)."""
+
+    def __init__(self, cfg: ExperimentConfig, run: Optional[RunDir] = None, progress: bool = False):
+        self.cfg, self.run, self.progress = cfg, run, progress
+        self.timings: dict[str, float] = {}
+        self._bar = None
+
+    def _chunks(self, name: str, total: int, compute: Callable[[int, int, int], dict]) -> dict:
+        """The chunks of one unit concatenated, computing (and storing) only missing ones."""
+        size, parts, start_time = self.cfg.chunk, [], time.perf_counter()
+        for index, start in enumerate(range(0, total, size)):
+            chunk = None if self.run is None else self.run.load_chunk(name, index)
+            if chunk is None:
+                chunk = compute(index, start, min(start + size, total))
+                if self.run is not None:
+                    self.run.save_chunk(name, index, **chunk)
+            parts.append(chunk)
+            if self._bar is not None:
+                self._bar.update(1)
+        self.timings[name] = time.perf_counter() - start_time
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def finite(self, variant: str, gamma: float, width: int, depth: int, tau0: float) -> Ensemble:
+        """The finite ensemble of one variant, times ``l / width``."""
+        name = unit_name(self.cfg, ("finite", variant, gamma, width, depth, tau0))
+        key = unit_key(self.cfg.seed, name)
+        sampler: Optional[FiniteSampler] = None
+
+        def compute(index, start, stop):
+            nonlocal sampler
+            if sampler is None:  # built (and compiled) only if some chunk is missing
+                sampler = FiniteSampler(self.cfg.V0, self.cfg.block_config(variant, gamma, tau0),
+                                        width=width, depth=depth, sampler=self.cfg.sampler)
+            return {"V": sampler.chunk(key, start, stop)}
+
+        V = self._chunks(name, self.cfg.samples, compute)["V"]
+        return stop_samples(V, width, self.cfg.stop_norm)
+
+    def sde(self, gamma: float, T: float, tau0: float) -> Ensemble:
+        """The SDE ensemble at ``gamma``, ``tau0`` up to ``T``."""
+        name = unit_name(self.cfg, ("sde", gamma, T, tau0))
+        key = unit_key(self.cfg.seed, name)
+        dt, save_every = self.cfg.sde_grid(T)
+        params = self.cfg.sde_params(gamma, tau0)
+
+        def compute(index, start, stop):
+            sol = solve(self.cfg.V0, params, T=T, dt=dt, num_paths=stop - start,
+                        key=jax.random.fold_in(key, index), save_every=save_every,
+                        stop_norm=self.cfg.stop_norm).to_numpy()
+            return {"V": sol.V, "stopped": sol.stopped, "stop_t": sol.stop_time, "t": sol.t[None]}
+
+        out = self._chunks(name, self.cfg.sde_paths, compute)
+        return Ensemble(t=out["t"][0], V=out["V"], stopped=out["stopped"], stop_time=out["stop_t"])
+
+    def execute(self) -> dict[tuple, Ensemble]:
+        """Every unit of :func:`plan`, in order."""
+        units = plan(self.cfg)
+        per_unit = {"finite": -(-self.cfg.samples // self.cfg.chunk),
+                    "sde": -(-self.cfg.sde_paths // self.cfg.chunk)}
+        from tqdm.auto import tqdm  # noqa: PLC0415  (progress is optional)
+
+        with tqdm(total=sum(per_unit[u[0]] for u in units), desc="chunks", disable=not self.progress) as bar:
+            self._bar = bar
+            out = {u: self.finite(*u[1:]) if u[0] == "finite" else self.sde(*u[1:]) for u in units}
+        self._bar = None
+        return out
