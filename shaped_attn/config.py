@@ -22,10 +22,9 @@ the paper's training initialisation (``W_Q, W_K ~ N(0, n^{-3/2})`` with ``tau = 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Optional, Union
 
-import jax.numpy as jnp
+from sde._helpers.validation import check_choice, check_dtype, check_int, check_number, check_real
 
 from . import activations
 
@@ -43,30 +42,6 @@ KNOBS = ("g1", "g2", "s_minus", "lam", "gamma")
 the shaped ReLU's negative slope ``s_minus``, the residual ``X' = lam X + gamma f(X)``."""
 RECOVER_KNOBS = ("g1", "g2", "s_minus")
 """The shaping that :func:`recover_schedule` removes (vanilla values: all 0)."""
-
-
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {allowed}")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an integer >= 1")
-
-
-def _finite(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite real number")
-
-
-def _float_dtype(name: str, value: Any) -> None:
-    try:
-        ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{name}={value!r} must be a floating dtype such as 'float32'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +88,10 @@ class AttentionConfig:
     prenorm_order: str = "after_scaling"
 
     def __post_init__(self):
-        _positive_int("width", self.width)
-        _positive_int("num_heads", self.num_heads)
+        check_int("width", self.width)
+        check_int("num_heads", self.num_heads)
         if self.head_dim is not None:
-            _positive_int("head_dim", self.head_dim)
+            check_int("head_dim", self.head_dim)
         if (self.head_dim is None or self.out_proj) and self.width % self.num_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must divide width={self.width}"
@@ -126,17 +101,15 @@ class AttentionConfig:
             object.__setattr__(self, "head_dim", self.width // self.num_heads)
         if not callable(self.activation):
             activations.get(self.activation)  # ValueError naming the unknown activation
-        _choice("temperature", self.temperature, TEMPERATURES)
-        _finite("tau0", self.tau0)
-        if self.tau0 <= 0:
-            raise ValueError(f"tau0={self.tau0!r} must be > 0")
-        _finite("identity_gain", self.identity_gain)
-        _finite("centre_gain", self.centre_gain)
+        check_choice("temperature", self.temperature, TEMPERATURES)
+        check_number("tau0", self.tau0)
+        check_real("identity_gain", self.identity_gain)
+        check_real("centre_gain", self.centre_gain)
         if not isinstance(self.out_proj, bool):
             raise ValueError(f"out_proj={self.out_proj!r} must be a bool")
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal={self.causal!r} must be a bool")
-        _choice("query_init", self.query_init, QUERY_INITS)
+        check_choice("query_init", self.query_init, QUERY_INITS)
         activations.split_prenorm(self.activation, self.prenorm_order)  # ValueError naming it
         if self.activation == "shaped_softmax" and self.shaped:
             raise ValueError(
@@ -178,9 +151,9 @@ class Ramp:
     steps: int
 
     def __post_init__(self):
-        _choice("knob", self.knob, KNOBS)
-        _finite("end", self.end)
-        _positive_int("steps", self.steps)
+        check_choice("knob", self.knob, KNOBS)
+        check_real("end", self.end)
+        check_int("steps", self.steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,37 +208,33 @@ class BlockConfig:
     def __post_init__(self):
         if not isinstance(self.attention, AttentionConfig):
             raise ValueError(f"attention={self.attention!r} must be an AttentionConfig")
-        _choice("kind", self.kind, BLOCK_KINDS)
-        _finite("gamma", self.gamma)
-        if not 0 < self.gamma <= 1:
-            raise ValueError(f"gamma={self.gamma!r} must lie in (0, 1]")
+        check_choice("kind", self.kind, BLOCK_KINDS)
+        check_number("gamma", self.gamma, 0, 1, hi_closed=True)
         if not isinstance(self.shaped_relu, bool):
             raise ValueError(f"shaped_relu={self.shaped_relu!r} must be a bool")
-        _finite("c_plus", self.c_plus)
-        _finite("c_minus", self.c_minus)
+        check_real("c_plus", self.c_plus)
+        check_real("c_minus", self.c_minus)
         if self.mlp_hidden is None:
             object.__setattr__(self, "mlp_hidden", self.attention.width)
-        _positive_int("mlp_hidden", self.mlp_hidden)
-        _choice("sublayers", self.sublayers, SUBLAYERS)
-        _choice("init", self.init, INITS)
-        _finite("ln_eps", self.ln_eps)
-        if self.ln_eps <= 0:
-            raise ValueError(f"ln_eps={self.ln_eps!r} must be > 0")
-        _float_dtype("param_dtype", self.param_dtype)
+        check_int("mlp_hidden", self.mlp_hidden)
+        check_choice("sublayers", self.sublayers, SUBLAYERS)
+        check_choice("init", self.init, INITS)
+        check_number("ln_eps", self.ln_eps)
+        check_dtype("param_dtype", self.param_dtype)
         if self.init == "paper" and self.attention.temperature != "standard":
             raise ValueError(
                 "init='paper' draws W_Q, W_K with variance n^{-3/2} and needs "
                 f"temperature='standard' (got {self.attention.temperature!r})"
             )
         if self.lam is not None:
-            _finite("lam", self.lam)
+            check_real("lam", self.lam)
         self._check_knobs()
 
     def _check_knobs(self) -> None:
         object.__setattr__(self, "learn", tuple(self.learn))
         object.__setattr__(self, "schedule", tuple(self.schedule))
         for name in self.learn:
-            _choice("learn", name, KNOBS)
+            check_choice("learn", name, KNOBS)
         for ramp in self.schedule:
             if not isinstance(ramp, Ramp):
                 raise ValueError(f"schedule entry {ramp!r} must be a Ramp")
@@ -319,7 +288,7 @@ class StackConfig:
     def __post_init__(self):
         if not isinstance(self.block, BlockConfig):
             raise ValueError(f"block={self.block!r} must be a BlockConfig")
-        _positive_int("depth", self.depth)
+        check_int("depth", self.depth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,8 +323,8 @@ class ImageClassifierConfig:
         if not isinstance(self.stack, StackConfig):
             raise ValueError(f"stack={self.stack!r} must be a StackConfig")
         for name in ("num_classes", "image_size", "channels", "patch_size", "conv_layers"):
-            _positive_int(name, getattr(self, name))
-        _choice("stem", self.stem, STEMS)
+            check_int(name, getattr(self, name))
+        check_choice("stem", self.stem, STEMS)
         if self.stem == "patch" and self.image_size % self.patch_size:
             raise ValueError(
                 f"patch_size={self.patch_size} must divide image_size={self.image_size}"
@@ -387,8 +356,8 @@ class CausalLMConfig:
     def __post_init__(self):
         if not isinstance(self.stack, StackConfig):
             raise ValueError(f"stack={self.stack!r} must be a StackConfig")
-        _positive_int("vocab_size", self.vocab_size)
-        _positive_int("max_len", self.max_len)
+        check_int("vocab_size", self.vocab_size)
+        check_int("max_len", self.max_len)
 
 
 # ----------------------------------------------------------------------- named variants
@@ -418,7 +387,7 @@ def shaped_config(
     (``causal``, ``query_init`` are accepted here and go to the attention config).
     With ``init="paper"`` the temperature is ``tau0 sqrt(n_k)`` (the paper's training form).
     """
-    _choice("ablation", ablation, ABLATIONS)
+    check_choice("ablation", ablation, ABLATIONS)
     standard_tau = ablation == "no_sqrt_n" or block_kwargs.get("init") == "paper"
     attention_kwargs = {k: block_kwargs.pop(k) for k in ("causal", "query_init") if k in block_kwargs}
     attention = AttentionConfig(

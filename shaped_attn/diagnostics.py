@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sde._helpers.linalg import gram  # ``X X^T / D`` over tokens (one copy for the repository)
+
 from . import activations
 
 Array = jax.Array
@@ -258,13 +260,6 @@ def attention_entropy(weights: Array, mask: Optional[Array] = None, eps: float =
 
 
 # ---------------------------------------------------------------------- token statistics
-
-
-@jax.jit
-def gram(x: Array) -> Array:
-    """``X X^T / D`` over tokens: ``[..., L, D] -> [..., L, L]``."""
-    x = jnp.asarray(x)
-    return jnp.einsum("...ld,...md->...lm", x, x) / x.shape[-1]
 
 
 @jax.jit

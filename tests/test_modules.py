@@ -141,7 +141,7 @@ def test_block_config_validation(param, kwargs):
 def test_config_validation_messages_are_one_line_and_name_the_value():
     with pytest.raises(ValueError) as err:
         sa.shaped_config(8, gamma=2.0)
-    assert str(err.value) == "gamma=2.0 must lie in (0, 1]"
+    assert str(err.value) == "gamma=2.0 is outside (0, 1]"
     with pytest.raises(ValueError, match="ablation"):
         sa.shaped_config(8, 0.5, ablation="no_softmax")
     with pytest.raises(ValueError, match="depth"):
