@@ -62,8 +62,7 @@ def bartlett_dfs(df: int, rows: int) -> np.ndarray:
 def bartlett_from(normals: Array, chi2: Array) -> Array:
     """The Bartlett factor with strictly lower part from ``normals (..., m, m)`` (upper part
     ignored) and squared diagonal ``chi2 (..., m)`` drawn with :func:`bartlett_dfs`."""
-    m = normals.shape[-1]
-    eye = jnp.eye(m, dtype=normals.dtype)
+    eye = jnp.broadcast_to(jnp.eye(normals.shape[-1], dtype=normals.dtype), normals.shape)
     return jnp.tril(normals, -1) + jnp.sqrt(chi2)[..., None] * eye
 
 
