@@ -1,6 +1,6 @@
 """Shaped attention, periodic and polynomial attention activations (Flax NNX)."""
 
-from . import activations, functional
+from . import activations, flax_interop, functional
 from .attention import MultiHeadAttention
 from .blocks import Block
 from .config import (
@@ -16,12 +16,16 @@ from .config import (
     shaped_config,
     unshaped_config,
 )
-from .functional import BlockMaps
+from .flax_interop import attention_fn
+from .functional import BlockMaps, KVCache
 from .models import CausalLM, ImageClassifier, Stack, StackOutput
 
 __all__ = [
     "activations",
     "functional",
+    "flax_interop",
+    "attention_fn",
+    "KVCache",
     "AttentionConfig",
     "BlockConfig",
     "StackConfig",

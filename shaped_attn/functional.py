@@ -166,23 +166,66 @@ def layer_norm(x: Array, eps: float) -> Array:
 # -------------------------------------------------------------------------------- masks
 
 
-def causal_mask(length: int) -> Array:
-    """Boolean ``[length, length]``, True on and below the diagonal (query i sees j <= i)."""
-    return jnp.tril(jnp.ones((length, length), dtype=bool))
+def causal_mask(length: int, query_positions: Optional[Array] = None) -> Array:
+    """Boolean causal mask, True where query i may see key j.
+
+    ``query_positions=None``: ``[length, length]``, True on and below the diagonal (``j <= i``).
+    Otherwise ``[..., Lq, length]`` with ``j <= query_positions[..., i]``: queries at absolute
+    positions (e.g. ``index + arange(Lq)`` against a KV cache of ``length`` slots).
+    """
+    if query_positions is None:
+        return jnp.tril(jnp.ones((length, length), dtype=bool))
+    pos = jnp.asarray(query_positions)
+    keys = jnp.arange(length).reshape((1,) * pos.ndim + (length,))
+    return keys <= pos[..., None]
 
 
-def attention_mask(cfg: AttentionConfig, shape: tuple, mask: Optional[Array] = None):
+def attention_mask(
+    cfg: AttentionConfig,
+    shape: tuple,
+    mask: Optional[Array] = None,
+    query_positions: Optional[Array] = None,
+):
     """The boolean mask of ``scores`` of ``shape`` ``[..., H, Lq, Lk]``, or ``None``.
 
     Combines the user ``mask`` (broadcastable to ``shape``, True = attend) with the causal
-    mask when ``cfg.causal``.
+    mask when ``cfg.causal`` (``query_positions``: the queries' absolute positions, see
+    :func:`causal_mask`; ``None`` needs ``Lq == Lk``).
     """
     if mask is not None:
         mask = jnp.broadcast_to(jnp.asarray(mask, dtype=bool), shape)
     if cfg.causal:
-        causal = jnp.broadcast_to(causal_mask(shape[-1]), shape)
+        causal = jnp.broadcast_to(causal_mask(shape[-1], query_positions), shape)
         mask = causal if mask is None else jnp.logical_and(mask, causal)
     return mask
+
+
+class KVCache(NamedTuple):
+    """Keys and values of the positions decoded so far, for causal attention.
+
+    Attributes:
+        key: ``[..., max_len, H, n_k]``, the keys ``x W_K`` of positions ``0 .. index - 1``
+            (zeros after them).
+        value: ``[..., max_len, H, d_v]``, the values, likewise.
+        index: int32, the number of positions written: the absolute position of the next query.
+            (A :class:`~shaped_attn.models.Stack` cache stacks all three over its layers.)
+    """
+
+    key: Array
+    value: Array
+    index: Array
+
+
+def init_kv_cache(cfg: AttentionConfig, batch_shape: tuple, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty :class:`KVCache` of ``max_len`` positions for inputs ``[*batch_shape, L, n]``."""
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+        raise ValueError(f"max_len={max_len!r} must be an integer >= 1")
+    h = cfg.num_heads
+    return KVCache(
+        key=jnp.zeros((*batch_shape, max_len, h, cfg.head_dim), dtype),
+        value=jnp.zeros((*batch_shape, max_len, h, cfg.value_dim), dtype),
+        index=jnp.zeros((), jnp.int32),
+    )
 
 
 # ----------------------------------------------------------------------------- sub-blocks
@@ -195,32 +238,45 @@ def attention_weights(
     mask: Optional[Array] = None,
     score_bias: Optional[Array] = None,
     gains: Optional[tuple[Scalar, Scalar]] = None,
+    query_positions: Optional[Array] = None,
     return_activation: bool = False,
 ):
     """``A = g1 I + act(q k^T / tau + score_bias) - g2 C`` (Noci et al., Eq. 4 with gains).
 
     Arguments:
-        qk: ``[..., H, m, m]``, the per-head products ``q_h k_h^T``.
-        mask: boolean, broadcastable to ``[..., H, m, m]`` (True = attend).
-        score_bias: additive bias broadcastable to ``[..., H, m, m]`` (e.g. a learned
+        qk: ``[..., H, Lq, Lk]``, the per-head products ``q_h k_h^T`` (``Lq == Lk`` for
+            self-attention; fewer queries against a KV cache).
+        mask: boolean, broadcastable to ``[..., H, Lq, Lk]`` (True = attend).
+        score_bias: additive bias broadcastable to ``[..., H, Lq, Lk]`` (e.g. a learned
             relative position bias), added after the temperature.
         gains: ``(g1, g2)``, floats or 0-d arrays; ``None``: the config's
             ``(identity_gain, centre_gain)``.
+        query_positions: absolute positions ``[..., Lq]`` of the queries among the keys (for
+            the causal mask and ``I``); ``None``: the diagonal when ``Lq == Lk`` (see
+            :func:`activations.shape` otherwise).
         return_activation: also return ``act(...)`` before the shaping step.
 
-    Returns ``A: [..., H, m, m]`` (and the activation's weights); the shaping step is skipped
+    With ``cfg.prenorm_order == "before_scaling"`` a ``norm_`` activation standardises ``qk``
+    itself and the base activation sees ``standardise(qk) / tau + score_bias`` (the authors'
+    training script, ``docs/activations.md``); by default it standardises the scores it sees.
+
+    Returns ``A: [..., H, Lq, Lk]`` (and the activation's weights); the shaping step is skipped
     when both gains are the number 0. ``C`` is :func:`activations.centring_matrix` (``1/i``
     on row i under a causal mask).
     """
     g1, g2 = (cfg.identity_gain, cfg.centre_gain) if gains is None else gains
+    act, standardise_first = activations.split_prenorm(cfg.activation, cfg.prenorm_order)
+    mask = attention_mask(cfg, qk.shape, mask, query_positions)
+    if standardise_first:
+        qk = activations.standardise_rows(qk, mask)
     scores = qk / temperature(cfg)
     if score_bias is not None:
         scores = scores + jnp.broadcast_to(score_bias, scores.shape)
-    mask = attention_mask(cfg, scores.shape, mask)
-    probs = activations.resolve(cfg.activation)(scores, mask)
+    probs = act(scores, mask)
     weights = probs
     if not (_is_zero(g1) and _is_zero(g2)):
-        weights = activations.shape(probs, mask, identity=g1, centre=g2)
+        weights = activations.shape(probs, mask, identity=g1, centre=g2,
+                                    query_positions=query_positions)
     return (weights, probs) if return_activation else weights
 
 
@@ -237,6 +293,7 @@ def attention_apply(
     score_bias: Optional[Array] = None,
     gains: Optional[tuple[Scalar, Scalar]] = None,
     return_weights: bool | str = False,
+    cache: Optional[KVCache] = None,
 ):
     """Multi-head self-attention of ``x: [..., m, n]`` (see :class:`BlockMaps` for the maps).
 
@@ -247,8 +304,16 @@ def attention_apply(
     The per-head widths are read from the maps' outputs (``H`` equal blocks), so samplers may
     hand over arrays stored on fewer columns than ``cfg`` describes.
 
-    Returns ``out: [..., m, n]``, and with ``return_weights`` the weights ``[..., H, m, m]``:
-    ``A`` (True) or the activation's output before the shaping step (``"activation"``).
+    With a :class:`KVCache`, ``x`` holds the ``m`` tokens at absolute positions
+    ``cache.index .. cache.index + m - 1``: their keys and values are written into the cache,
+    the queries attend causally to every cached position up to their own (whatever
+    ``cfg.causal`` says), and ``I`` and ``C`` use those absolute positions, so the rows equal
+    the matching rows of the full causal pass. ``mask`` and ``score_bias`` must then
+    broadcast to ``[..., H, m, max_len]``; writing past ``max_len`` is not detected under jit.
+
+    Returns ``out: [..., m, n]``, and with ``return_weights`` the weights ``[..., H, m, m]``
+    (``[..., H, m, max_len]`` with a cache): ``A`` (True) or the activation's output before
+    the shaping step (``"activation"``). With a cache: ``(that, new_cache)``.
     """
     if return_weights not in (False, True, "activation"):
         raise ValueError(f"return_weights={return_weights!r} must be a bool or 'activation'")
@@ -257,14 +322,27 @@ def attention_apply(
     if scores is None:
         q = query(x).reshape(*batch_m, heads, -1)
         k = key(x).reshape(*batch_m, heads, -1)
-        qk = jnp.einsum("...qhd,...khd->...hqk", q, k)
+    elif cache is not None:
+        raise ValueError("a KV cache needs query and key maps, not a scores map")
     elif query is None and key is None:
         qk = scores(x)
     else:
         raise ValueError("give either a scores map or query and key maps, not both")
     v = value(x).reshape(*batch_m, heads, -1)
+    positions = None
+    if cache is not None:
+        positions = cache.index + jnp.arange(x.shape[-2])
+        axis = cache.key.ndim - 3
+        k = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), cache.index, axis)
+        v = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), cache.index, axis)
+        cache = KVCache(k, v, cache.index + x.shape[-2])
+        causal = causal_mask(k.shape[-3], positions)
+        mask = causal if mask is None else jnp.logical_and(mask, causal)
+    if scores is None:
+        qk = jnp.einsum("...qhd,...khd->...hqk", q, k)
     weights, probs = attention_weights(
-        cfg, qk, mask=mask, score_bias=score_bias, gains=gains, return_activation=True
+        cfg, qk, mask=mask, score_bias=score_bias, gains=gains, query_positions=positions,
+        return_activation=True,
     )
     o = jnp.einsum("...hqk,...khd->...qhd", weights, v)
     if cfg.out_proj:
@@ -275,9 +353,8 @@ def attention_apply(
         if output is not None:
             raise ValueError("out_proj=False takes no output map (got one)")
         out = o.sum(axis=-2) / math.sqrt(heads)
-    if not return_weights:
-        return out
-    return out, (probs if return_weights == "activation" else weights)
+    result = out if not return_weights else (out, probs if return_weights == "activation" else weights)
+    return result if cache is None else (result, cache)
 
 
 def mlp_apply(
@@ -298,6 +375,7 @@ def block_apply(
     score_bias: Optional[Array] = None,
     knobs: Optional[Knobs] = None,
     return_attention: bool | str = False,
+    cache: Optional[KVCache] = None,
 ):
     """One layer (spec/sde.md section 1 and its baselines) on ``x: [..., m, n]``.
 
@@ -309,6 +387,8 @@ def block_apply(
 
     Returns ``x'``, and the attention matrix ``[..., H, m, m]`` (``None`` without an
     attention sub-block) if ``return_attention`` (``"activation"``: before the shaping step).
+    ``cache``: the attention's :class:`KVCache` (``x`` holds the tokens at positions
+    ``cache.index ..``, see :func:`attention_apply`); the result is then ``(that, new_cache)``.
     """
     knobs = configured_knobs(cfg) if knobs is None else knobs
     lam, gamma = knobs.lam, knobs.gamma
@@ -328,16 +408,18 @@ def block_apply(
     if cfg.has_attention:
 
         def attn(h):
-            nonlocal weights
-            out, weights = attention_apply(
+            nonlocal weights, cache
+            res = attention_apply(
                 cfg.attention, h, query=maps.query, key=maps.key, value=maps.value,
                 output=maps.output, scores=maps.scores, mask=mask, score_bias=score_bias,
-                gains=(knobs.g1, knobs.g2), return_weights=return_attention or True,
+                gains=(knobs.g1, knobs.g2), return_weights=return_attention or True, cache=cache,
             )
+            (out, weights), cache = res if cache is not None else (res, None)
             return out
 
         x = residual(x, attn, norm_attn)
     if cfg.has_mlp:
         mlp = lambda h: mlp_apply(cfg, h, mlp_in=maps.mlp_in, mlp_out=maps.mlp_out, s_minus=knobs.s_minus)
         x = residual(x, mlp, norm_mlp)
-    return (x, weights) if return_attention else x
+    result = (x, weights) if return_attention else x
+    return result if cache is None else (result, cache)
