@@ -42,10 +42,10 @@ squares with weights ``1 / SE(n_i)^2`` to the model
     est(n) = c0 + c1 n^{-bias_exponent}          (bias_exponent = 1/2 by default)
 
 and the result's ``drift`` / ``diffusion`` are ``c0`` with the WLS standard error of ``c0``.
-``bias_exponent = 1/2`` is the generic finite-width error of the limit (e.g. the shaped ReLU
-and the smooth-activation MLP, whose activations are expanded in ``n^{-1/2}``); for
-shaped attention the leading finite-width error is ``O(1/n)`` (all odd moments of the scores
-vanish), so ``bias_exponent = 1`` is the sharper model there. The fit's chi-square and degrees
+``bias_exponent = 1/2`` is the generic finite-width error of the limit (e.g. the shaped ReLU,
+whose slopes ``1 + c/sqrt(n)`` enter at that order); for shaped attention and for the
+smooth-activation MLP the leading finite-width error is ``O(1/n)`` (the odd terms of their
+expansions vanish in expectation), so ``bias_exponent = 1`` is the sharper model there. The fit's chi-square and degrees
 of freedom are returned so that a wrong model can be seen (chi2 >> dof).
 """
 

@@ -6,8 +6,8 @@ Gaussian ``m x m`` matrices,
     N = sqrt(k_lin / 2) L (Z1 + Z1^T) L^T + c (L Z2 M^T + M Z2^T L^T),   c = sqrt(acal_coeff),
 
 has, over its upper-triangular entries, covariance ``k_lin Sigma_lin(V) + acal_coeff Acal(V)``
-= :func:`diffusion_matrix` (``acal_coeff = gamma^4 / (tau0^2 H)``, so
-``c = gamma^2 / (tau0 sqrt(H))``). Proof: with ``U = L Z M^T``,
+= :func:`diffusion_matrix` (``acal_coeff = a1^2 gamma^4 / (tau0^2 H)``, so
+``c = a1 gamma^2 / (tau0 sqrt(H))``; softmax has ``a1 = 1``). Proof: with ``U = L Z M^T``,
 ``Cov(U_ab, U_dw) = (L L^T)_ad (M M^T)_bw``, ``Cov(U_ab, U_wd) = (L L^T)_aw (M M^T)_bd``, so
 ``Cov((U + U^T)_ab, (U + U^T)_dw) = V_ad G_bw + V_aw G_bd + G_ad V_bw + G_aw V_bd = Acal[ab, dw]``
 when ``M M^T = G``; ``M = L`` gives ``2 Sigma_lin``, hence the ``1/sqrt(2)``. Z1 and Z2 are
