@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bench_finite import block_config, v0
+from bench_finite import block_config, chunk_inputs, v0
 from common import aot_compile
 
-from sde.finite import FiniteSampler, initial_tokens, sample_keys, sized_config
+from sde import FiniteSampler
+from sde._mc.inputs import initial_tokens, sized_config
 from shaped_attn.models import Stack
 
 
@@ -70,9 +71,8 @@ def finite_sampler(sampler: str, depth: int, *, width: int, m: int, samples: int
     rows = []
     for _ in range(repeats):
         runner = FiniteSampler(v0(m), block_config(), width=width, depth=depth, sampler=sampler)
-        S = -(-samples // runner.num_devices) * runner.num_devices
-        keys = sample_keys(jax.random.key(0), 0, S)
-        _, t = aot_compile(runner._run, keys, runner.x0)
+        keys, x0, _ = chunk_inputs(runner, samples)
+        _, t = aot_compile(runner._run, keys, x0)
         rows.append(t)
     return _summary(f"finite_{sampler}", depth, rows)
 

@@ -19,20 +19,22 @@ from common import BENCH_DIR, run_process
 def worker(samples: int, width: int, depth: int, m: int, repeats: int) -> dict:
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from bench_finite import block_config, v0
+    from bench_finite import block_config, chunk_inputs, v0
     from common import aot_compile, time_calls
-    from sde.finite import FiniteSampler, sample_keys
+    from sde import FiniteSampler
+    from sde._helpers import devices
 
+    # The library shards CPU devices only when asked (sde._helpers.devices.SHARD_ON_CPU, off by
+    # default); this worker measures exactly that sharding over the forced CPU devices.
+    devices.SHARD_ON_CPU = True
     runner = FiniteSampler(v0(m), block_config(), width=width, depth=depth, sampler="gram")
-    keys = jax.device_put(sample_keys(jax.random.key(0), 0, samples),
-                          NamedSharding(runner.mesh, PartitionSpec("samples")))
-    x0 = jax.device_put(runner.x0, NamedSharding(runner.mesh, PartitionSpec()))
+    keys, x0, _ = chunk_inputs(runner, samples)
     compiled, ct = aot_compile(runner._run, keys, x0)
     t = time_calls(lambda: compiled(keys, x0), repeats=repeats, warmup=1)
     V = np.asarray(compiled(keys, x0))
-    return {"devices": runner.num_devices, "device_kind": jax.devices()[0].device_kind, **ct, **t,
+    return {"devices": devices.num_shards(runner.mesh), "device_kind": jax.devices()[0].device_kind,
+            **ct, **t,
             "samples_per_s": samples / t["median_s"],
             "samples_layers_per_s": samples * depth / t["median_s"],
             "probe": V[:8, -1].ravel().tolist()}

@@ -1,7 +1,7 @@
 """Finite-network Monte Carlo speed: gram and reduced samplers, vmapped real weights, per-sample loop.
 
 Unit: **samples x layers per second** (one layer = attention + MLP sub-block of the shaped
-Transformer of spec/sde.md section 1, float32, m tokens, width n, key width n_k = n).
+Transformer of docs/model.md §1, float32, m tokens, width n, key width n_k = n).
 
 * ``gram``: ``sde.FiniteSampler(..., sampler="gram")``, one compiled chunk of ``S`` samples.
 * ``reduced``: the same with ``sampler="reduced"`` (residual stream on the ~3m features in use,
@@ -26,6 +26,7 @@ random-number throughput (the gram and weights samplers both spend most of their
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import time
 
@@ -37,8 +38,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from common import GAMMA, RHO0, aot_compile, fit_power, time_calls
 
-from sde import finite as finite_module
-from sde.finite import FiniteSampler, gram, initial_tokens, sample_keys, sized_config
+from sde import FiniteSampler
+from sde._helpers.devices import num_shards, sample_keys
+from sde._helpers.linalg import gram
+from sde._mc.inputs import initial_tokens, sized_config
 from shaped_attn.config import shaped_config
 from shaped_attn.models import Stack
 
@@ -62,7 +65,7 @@ def block_config():
     return functools.partial(shaped_config, gamma=GAMMA, tau0=1.0, c_plus=0.0, c_minus=-1.0)
 
 
-BARTLETT_SCORES = hasattr(finite_module, "gram_scores")
+BARTLETT_SCORES = hasattr(importlib.import_module("sde._mc.gram_maps"), "gram_scores")
 """Whether the library's gram sampler draws the scores ``Q K^T`` with a Bartlett factor
 (O(m^2) random numbers) instead of drawing ``X W_Q`` and ``X W_K`` (2 m n_k)."""
 
@@ -91,20 +94,29 @@ def gram_layer_normals(m: int, n: int, bartlett: bool = BARTLETT_SCORES) -> int:
     return 3 * m * n + (m * m + m * (m - 1) // 2 if bartlett else 2 * m * n)
 
 
+def chunk_inputs(runner: FiniteSampler, samples: int, seed: int = 0) -> tuple:
+    """``(keys, x0, S)`` of one ``FiniteSampler`` chunk of ``samples`` samples (rounded up to a
+    multiple of the device count), placed as ``runner._run`` expects them: the sample axis split
+    over the runner's mesh, ``x0`` replicated (no placement without a mesh: one device)."""
+    S = -(-samples // num_shards(runner.mesh)) * num_shards(runner.mesh)
+    keys, x0 = sample_keys(jax.random.key(seed), np.arange(S)), runner.x0
+    if runner.mesh is not None:
+        keys = jax.device_put(keys, NamedSharding(runner.mesh, PartitionSpec("samples")))
+        x0 = jax.device_put(x0, NamedSharding(runner.mesh, PartitionSpec()))
+    return keys, x0, S
+
+
 def sampler_rate(sampler: str, *, width: int, depth: int, m: int, samples: int, repeats: int,
                  warmup: int = 1, seed: int = 0) -> dict:
     """Samples x layers / s of one compiled ``FiniteSampler`` chunk of ``samples`` samples."""
     runner = FiniteSampler(v0(m), block_config(), width=width, depth=depth, sampler=sampler)
-    S = -(-samples // runner.num_devices) * runner.num_devices
-    keys = jax.device_put(sample_keys(jax.random.key(seed), 0, S),
-                          NamedSharding(runner.mesh, PartitionSpec("samples")))
-    x0 = jax.device_put(runner.x0, NamedSharding(runner.mesh, PartitionSpec()))
+    keys, x0, S = chunk_inputs(runner, samples, seed)
     # FiniteSampler.chunk calls this jitted function; AOT-compile it to time compilation alone.
     compiled, ct = aot_compile(runner._run, keys, x0)
     t = time_calls(lambda: compiled(keys, x0), repeats=repeats, warmup=warmup)
     V = np.asarray(compiled(keys, x0)) if S * (depth + 1) * m * m < 5e7 else None
     out = {"sampler": sampler, "width": width, "depth": depth, "m": m, "samples": S,
-           "devices": runner.num_devices, **ct, **t,
+           "devices": num_shards(runner.mesh), **ct, **t,
            "samples_layers_per_s": S * depth / t["median_s"],
            "s_per_sample_layer": t["median_s"] / (S * depth)}
     if V is not None:

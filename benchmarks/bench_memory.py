@@ -27,7 +27,7 @@ def worker(mode: str, samples: int, chunk: int, width: int, depth: int, m: int) 
     import numpy as np
 
     from bench_finite import block_config, v0
-    from sde.finite import FiniteSampler, simulate_finite
+    from sde import FiniteSampler, simulate_finite
 
     key = jax.random.key(0)
     if mode == "streaming":

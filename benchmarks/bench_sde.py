@@ -47,10 +47,13 @@ from common import GAMMA, RHO0, aot_compile, machine_info, time_calls  # noqa: E
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import importlib  # noqa: E402
+
 import sde  # noqa: E402
 import numpy_baselines  # noqa: E402
+from sde._helpers.devices import map_chunks, sample_keys  # noqa: E402
 
-SOLVE = sys.modules["sde.solve"]  # the module (``sde.solve`` is the function)
+SOLVE = importlib.import_module("sde._theory.solve")  # the module (``sde.solve`` is the function)
 
 MS = (2, 4, 8, 16, 32, 64)
 PATHS = 1000
@@ -87,11 +90,18 @@ def sde_rate(
     )
     C = SOLVE.default_chunk_size(m) if chunk_size == "auto" else chunk_size
     C = min(C, paths)
-    compiled, ct = aot_compile(SOLVE._solve_chunk, plan.keys[:C], plan.V0s[:C], **plan.dynamic, **plan.static)
+    compiled, ct = aot_compile(SOLVE._solve_chunk, sample_keys(plan.key, np.arange(C)), plan.V0s[:C],
+                               **plan.dynamic, **plan.static)
 
     def run(n_steps):
+        # as sde.solve runs its chunks (sde._theory.integrate.run_paths): path i gets
+        # fold_in(key, i), the last chunk is padded with extra paths whose results are dropped
         dyn = dict(plan.dynamic, save_every=jnp.asarray(n_steps, jnp.int32))
-        return SOLVE._run_chunks(lambda k, v: compiled(k, v, **dyn), plan.keys, plan.V0s, paths, C)
+
+        def chunk(idx):
+            return compiled(sample_keys(plan.key, idx), plan.V0s[np.minimum(idx, paths - 1)], **dyn)
+
+        return map_chunks(chunk, 0, paths, C)
 
     jax.block_until_ready(run(min(warmup_steps, steps)))
     last = {}
@@ -256,7 +266,7 @@ def run(quick: bool = False, log=print) -> dict:
             "note": "generic noise is O(m^6) per step (eigh of D x D, D = m(m+1)/2); it is capped at "
                     "m <= 16 in quick mode and m <= 32 (20 paths) in full mode. One CPU device: "
                     "splitting paths over forced CPU devices deadlocked in XLA's CPU runtime at "
-                    "m = 64 (see sde.solve.SHARD_ON_CPU), so the two cores are used only through "
+                    "m = 64 (see sde._helpers.devices.SHARD_ON_CPU), so the two cores are used only through "
                     "XLA's intra-op threads; timings depend on the machine's load (machine.load_average_1m_at_start).",
         },
         "rows": rows,

@@ -3,11 +3,12 @@
 Written the way a researcher would write the simulation by hand from the paper: vectorised
 over paths, building the ``D x D`` diffusion matrix of the upper-triangular entries
 (``D = m (m + 1) / 2``) and taking its square root by ``numpy.linalg.eigh`` at every step.
-Self-contained on purpose (it does not call the ``sde`` package); the formulas are those of
-spec/sde.md section 2 for the full shaped-Transformer block.
+Self-contained on purpose (it does not call the ``sde`` package); the formulas are the drift
+and diffusion of docs/sde.md §2-5 for the full shaped-Transformer block.
 
-``numpy_euler_sde_structured`` is the same loop with the structured O(m^3) noise (one eigh of
-``V`` per step), reported for a fair comparison of the algorithm alone.
+``numpy_euler_sde_structured`` is the same loop with the structured O(m^3) noise of
+docs/noise.md §1 (one eigh of ``V`` per step), reported for a fair comparison of the algorithm
+alone.
 """
 
 from __future__ import annotations

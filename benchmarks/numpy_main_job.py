@@ -1,11 +1,13 @@
 """The main job in plain NumPy: the baseline that ``scripts/sde_vs_finite.py`` is timed against.
 
-Written as a competent researcher would write it by hand from spec/sde.md sections 1, 2 and 4,
-vectorised over samples, with no JAX:
+Written as a competent researcher would write it by hand from the repository's docs (the block
+of docs/model.md §1, the Gram sampler of docs/samplers.md §1, the drift and diffusion of
+docs/sde.md §2-5), vectorised over samples, with no JAX:
 
-* **Finite network, Gram chain** (spec section 4). The m x n features of every sample are kept;
-  each fresh weight product ``X W / sqrt(n)`` is drawn as ``chol(X X^T / n) @ G`` with ``G`` iid
-  N(0, 1) of shape m x n_out from ``np.random.default_rng``. One layer (spec section 1):
+* **Finite network, Gram chain** (docs/samplers.md §1). The m x n features of every sample are
+  kept; each fresh weight product ``X W / sqrt(n)`` is drawn as ``chol(X X^T / n) @ G`` with
+  ``G`` iid N(0, 1) of shape m x n_out from ``np.random.default_rng``. One layer (docs/model.md
+  §1):
 
       Q, K, V_ = R G_q, R G_k, R G_v              R = chol(X X^T / n)
       A  = I + softmax_rows(Q K^T / tau) - 11^T/m   tau = tau0 sqrt(n n_k), n_k = n
@@ -20,7 +22,7 @@ vectorised over samples, with no JAX:
   non-finite or exceeds ``stop_norm``, as in ``sde.simulate_finite``.
 * **SDE**: the vectorised Euler-Maruyama of :mod:`numpy_baselines` (``numpy_euler_sde``: the
   ``D x D`` diffusion matrix and its square root by ``numpy.linalg.eigh`` at every step), or its
-  structured O(m^3) variant with ``--sde-noise structured``.
+  structured O(m^3) variant (docs/noise.md §1) with ``--sde-noise structured``.
 * **dtype**: float32 by default, the dtype of the JAX job (``--dtype float64`` is available;
   NumPy's float32 ``standard_normal`` and matmuls are the faster choice, so the default is the
   conservative baseline for the speed ratio).
@@ -158,7 +160,8 @@ def run(args) -> dict:
 
 FIG1_TARGET = dict(m=3, rho0=0.2, width=200, depth=150, gamma=0.35355, tau0=1.0, c_plus=0.0,
                    c_minus=-1.0, samples=4096, sde_paths=16384, dt=0.005)
-"""The fig1 target command of issue 4 (``scripts/sde_vs_finite.py`` with ``--sweep-widths ""``)."""
+"""The fig1 target command of issue 4 (``scripts/sde_vs_finite.py`` with no width sweep: the
+flag ``--sweep-widths`` given with no values)."""
 
 
 def _flags(settings: dict) -> list[str]:
@@ -188,7 +191,7 @@ def compare_with_main_job(quick: bool = False, log=print, smoke: bool = False) -
         settings.update(width=16, depth=8, samples=64, sde_paths=128, dt=0.05)
     tmp = Path(tempfile.mkdtemp(prefix="bench_main_job_"))
     jax_cmd = [sys.executable, str(ROOT / "scripts" / "sde_vs_finite.py"), *_flags(settings),
-               "--sweep-widths", "", "--out", str(tmp / "jax"), "--overwrite"]
+               "--sweep-widths", "--out", str(tmp / "jax"), "--overwrite"]
     _, pj = run_process(jax_cmd, timeout=1200)
     log(f"  main job (JAX): {pj['wall_s']:.1f} s")
     np_cmd = [sys.executable, str(Path(__file__).resolve()), *_flags(settings),
