@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from sde import compare
+import sde
+from sde import _compare as compare
 
 
 def test_same_distribution_passes_shifted_fails():
@@ -72,7 +73,8 @@ def test_errors_name_the_problem():
 
 
 def test_stopped_fraction_and_power_law():
-    assert compare.stopped_fraction([True, False, False, False]) == 0.25
+    stopped = np.array([True, False, False, False])
+    assert sde.Ensemble(np.zeros(1), np.zeros((4, 1)), stopped, np.zeros(4)).stopped_fraction == 0.25
     x = np.array([32, 64, 128, 256])
     p, c = compare.fit_power_law(x, 3.0 * x**-0.5)
     assert abs(p + 0.5) < 1e-12 and abs(c - 3.0) < 1e-10

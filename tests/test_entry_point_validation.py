@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import sde
-from sde import validation
+from sde._helpers import validation
 from shaped_attn import config as mc
 
 V_OK = 0.8 * np.eye(3) + 0.2
@@ -44,7 +44,7 @@ PARAMS = [
     (dict(gamma=0.5, heads=0), "heads=0 must be an integer >= 1"),
     (dict(gamma=0.5, block="conv"), "block='conv' is not one of"),
     (dict(gamma=0.5, head_layout="stack"), "head_layout='stack' is not one of"),
-    (dict(gamma=0.5, activation="bogus"), "activation 'bogus'"),
+    (dict(gamma=0.5, activation="bogus"), r"activation='bogus': the theory knows only 'softmax' by name"),
     (dict(gamma=0.5, mlp_scale=0.0), r"mlp_scale=0.0 is outside \(0, inf\)"),
 ]
 
@@ -161,11 +161,13 @@ def test_shaped_attn_configs(call, match):
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: validation.check_interval("x", 2.0, 0, 1), r"x=2.0 is outside \(0, 1\]"),
-        (lambda: validation.check_interval("x", 0.0, 0, 1, lo_closed=True, hi_closed=False), None),
-        (lambda: validation.check_interval("x", "a", 0, 1), "x='a' must be a real number"),
-        (lambda: validation.check_positive_int("n", True), "n=True must be an integer >= 1"),
-        (lambda: validation.check_positive_int("n", 2.0), "n=2.0 must be an integer >= 1"),
+        (lambda: validation.check_number("x", 2.0, 0, 1, hi_closed=True), r"x=2.0 is outside \(0, 1\]"),
+        (lambda: validation.check_number("x", 0.0, 0, 1, lo_closed=True), None),
+        (lambda: validation.check_number("x", "a", 0, 1), "x='a' must be a real number"),
+        (lambda: validation.check_number("x", math.inf), r"x=inf is outside \(0, inf\)"),
+        (lambda: validation.check_int("n", True), "n=True must be an integer >= 1"),
+        (lambda: validation.check_int("n", 2.0), "n=2.0 must be an integer >= 1"),
+        (lambda: validation.check_int("n", 5, lo=0, hi=4), r"n=5 must be an integer in \[0, 4\]"),
         (lambda: validation.check_psd_matrix("V", np.ones((2, 3))), r"V must be a square \(m, m\) matrix"),
     ],
 )

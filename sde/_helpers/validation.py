@@ -16,7 +16,7 @@ covariance (the default is ``max(PSD_TOL, sqrt(eps))`` of its dtype)."""
 
 
 def _bound(x) -> str:
-    return "inf" if x == math.inf else ("-inf" if x == -math.inf else f"{x:g}")
+    return "inf" if x == math.inf else ("-inf" if x == -math.inf else repr(x))
 
 
 def check_real(name: str, value) -> float:
@@ -28,7 +28,7 @@ def check_real(name: str, value) -> float:
     return float(value)
 
 
-def check_number(name: str, value, lo: float = 0.0, hi: float = math.inf, *, lo_closed: bool = False,
+def check_number(name: str, value, lo: float = 0, hi: float = math.inf, *, lo_closed: bool = False,
                  hi_closed: bool = False, hi_name: str = "") -> float:
     """``value`` as a float in the interval from ``lo`` to ``hi``; the default is ``(0, inf)``.
 
