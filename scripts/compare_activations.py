@@ -19,6 +19,13 @@ rerunning the same command after an interruption trains only the missing runs an
 the same results.json as an uninterrupted run. An OUT holding another config is refused
 unless ``--overwrite``.
 
+Wang et al.'s two code versions (docs/activations.md): a name is run as registered, i.e. as in
+the authors' module file (pre-normalisation after the 1/sqrt(d) scaling); each name in
+``--before-scaling`` (a norm_ activation) is also run with the pre-normalisation before the
+scaling, as in the authors' training script, and labelled ``NAME+before_scaling``. The paper
+script's sinmax is ``sin10max`` (1 + sin 10s), so its norm_sinmax is
+``norm_sin10max+before_scaling``.
+
 Each (activation, depth) configuration runs in one of ``--workers`` spawned processes (default
 min(2, cores), one XLA thread each); its seeds share one compiled step (``--ensemble`` trains
 them together with vmap instead, which pays off on accelerators, not on CPU). On CPU the cost
@@ -40,7 +47,7 @@ import _common  # noqa: E402  (also puts the repository root on sys.path)
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from shaped_attn import data, levit, training  # noqa: E402
+from shaped_attn import activations, data, levit, training  # noqa: E402
 
 DEFAULT_ACTIVATIONS = (
     "softmax",
@@ -50,10 +57,18 @@ DEFAULT_ACTIVATIONS = (
     "norm_sirenmax",
     "sinmax",
     "norm_sinmax",
+    "sin10max",
     "polynomial3",
     "polynomial2",
     "shaped_softmax",
 )
+
+
+DEFAULT_BEFORE_SCALING = ("norm_softmax", "norm_sin10max", "norm_cosmax")
+"""The training script's (demo.py) norm_softmax, norm_sinmax and norm_cosmax."""
+
+BEFORE = "+before_scaling"
+"""Label suffix of a run with ``prenorm_order="before_scaling"``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +76,8 @@ class CompareConfig:
     """Every setting of the comparison (the CLI is generated from these fields)."""
 
     activations: tuple[str, ...] = DEFAULT_ACTIVATIONS
+    # norm_ names also run with the training script's order, labelled NAME+before_scaling
+    before_scaling: tuple[str, ...] = DEFAULT_BEFORE_SCALING
     depths: tuple[int, ...] = (2, 8)
     seeds: int = 5
     dataset: str = "digits"
@@ -85,16 +102,36 @@ QUICK = dict(seeds=3, width=32, steps=200, batch_size=32, learning_rate=4e-3, wa
 """--quick: the digits, width 32, 200 steps of batch 32, 3 seeds, depths 2 and 8."""
 
 
-def build_config(cfg: CompareConfig, activation: str, depth: int, ds: data.ImageDataset):
+def labels(cfg: CompareConfig) -> tuple[str, ...]:
+    """The trained variants: every activation, then each ``before_scaling`` name + ``BEFORE``."""
+    return tuple(dict.fromkeys(cfg.activations + tuple(n + BEFORE for n in cfg.before_scaling)))
+
+
+def split_label(label: str) -> tuple[str, str]:
+    """``(activation, prenorm_order)`` of a run label."""
+    if label.endswith(BEFORE):
+        return label[: -len(BEFORE)], "before_scaling"
+    return label, "after_scaling"
+
+
+def build_config(cfg: CompareConfig, label: str, depth: int, ds: data.ImageDataset):
+    activation, order = split_label(label)
     common = dict(
         depth=depth, width=cfg.width, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
         num_classes=ds.num_classes, image_size=ds.image_size, channels=ds.channels,
     )
     if cfg.model == "levit":
-        return levit.levit_config(activation, grid=4, **common)
-    if cfg.model == "vit":
-        return levit.vit_config(activation, patch_size=max(ds.image_size // 4, 1), **common)
-    raise ValueError(f"model={cfg.model!r} is not one of {MODELS}")
+        make = functools.partial(levit.levit_config, activation, grid=4, **common)
+        block = make().block
+    elif cfg.model == "vit":
+        make = functools.partial(levit.vit_config, activation, patch_size=max(ds.image_size // 4, 1), **common)
+        block = make().stack.block
+    else:
+        raise ValueError(f"model={cfg.model!r} is not one of {MODELS}")
+    if order == "after_scaling":
+        return make()
+    attention = dataclasses.replace(block.attention, prenorm_order=order)
+    return make(block=dataclasses.replace(block, attention=attention))
 
 
 def train_config(cfg: CompareConfig) -> training.TrainConfig:
@@ -119,6 +156,7 @@ def run_record(activation: str, depth: int, seed: int, res: training.TrainResult
     return {
         "activation": activation,
         "prenorm": activation.startswith("norm_"),
+        "prenorm_order": split_label(activation)[1],
         "depth": depth,
         "seed": seed,
         "test_accuracy": res.final_eval.get("accuracy"),
@@ -293,6 +331,10 @@ def parse_args(argv=None):
 def validate(cfg: CompareConfig, workers: int) -> None:
     """Every flag on its own (cross-field rules: :func:`prepare`)."""
     _common.check_each("activations", cfg.activations, _common.check_activation)
+    _common.check_each("before_scaling", cfg.before_scaling, _common.check_activation)
+    for name in cfg.before_scaling:
+        if not hasattr(activations.get(name), "prenorm_base"):
+            raise ValueError(f"before_scaling={name!r} is not a pre-normalised (norm_) activation")
     _common.check_each("depths", cfg.depths, _common.check_int)
     for name in ("seeds", "width", "heads", "mlp_ratio", "steps", "batch_size", "log_every",
                  "eval_batch_size"):
@@ -317,8 +359,8 @@ def prepare(argv=None):
     _common.check_number("batch_size", cfg.batch_size, 0, len(ds.x_train), hi_closed=True)
     train_config(cfg)  # warmup_steps < steps
     for depth in cfg.depths:
-        for activation in cfg.activations:  # e.g. heads must divide width
-            build_config(cfg, activation, depth, ds)
+        for label in labels(cfg):  # e.g. heads must divide width
+            build_config(cfg, label, depth, ds)
     run = _common.open_run(args.out, cfg, args.overwrite,
                            ("table.md", "learning_curves_depth*.png", "accuracy.png", "attention_norms.png"))
     return args, cfg, run
@@ -337,16 +379,16 @@ def _work(cfg: CompareConfig, run, activation: str, depth: int, seeds: tuple):
 
 def execute(args, cfg: CompareConfig, run) -> int:
     t_start = time.perf_counter()
-    units = {(d, a, s): unit_name(a, d, s) for d in cfg.depths for a in cfg.activations
+    units = {(d, a, s): unit_name(a, d, s) for d in cfg.depths for a in labels(cfg)
              for s in range(cfg.seeds)}
     finished, _, _ = _common.load_units(run, units.values())
     jobs = []
     for depth in sorted(cfg.depths, reverse=True):  # deepest first: the workers finish together
-        for act in cfg.activations:
+        for act in labels(cfg):
             missing = tuple(s for s in range(cfg.seeds) if units[(depth, act, s)] not in finished)
             if missing:
                 jobs.append((cfg, run, act, depth, tuple(range(cfg.seeds)) if cfg.ensemble else missing))
-    print(f"{_dataset(cfg.dataset)}; {len(cfg.activations)} activations x depths {cfg.depths} x "
+    print(f"{_dataset(cfg.dataset)}; {len(labels(cfg))} activations x depths {cfg.depths} x "
           f"{cfg.seeds} seeds; {len(finished)} of {len(units)} runs already in {run.path}/chunks; "
           f"{args.workers} worker process(es)")
     bar = tqdm(total=len(units), initial=len(finished), desc="training runs", dynamic_ncols=True)
