@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import shaped_attn as sa
+from helpers import normal64
 from shaped_attn import functional
 
 N, M, B = 16, 6, 2  # width, tokens, batch
@@ -21,7 +22,7 @@ TOL = 1e-6  # brief: module vs literal spec to 1e-6 (float64 gives ~1e-14)
 
 
 def inputs(seed=0, m=M, n=N, batch=B):
-    return np.asarray(jax.random.normal(jax.random.key(seed), (batch, m, n), jnp.float64))
+    return np.asarray(normal64(seed, (batch, m, n)))
 
 
 def build(cfg, seed=1):
@@ -441,7 +442,7 @@ def test_shaped_relu_formula():
     ref = np.sqrt(c) * np.where(np.asarray(x) > 0, 1.2 * np.asarray(x), 0.6 * np.asarray(x))
     np.testing.assert_allclose(np.asarray(functional.shaped_relu(x, s_plus, s_minus)), ref, atol=1e-14)
     # standard ReLU times sqrt(2), unit second moment under N(0, 1)
-    g = jax.random.normal(jax.random.key(0), (200_000,), jnp.float64)
+    g = normal64(0, (200_000,))
     m2 = float(jnp.mean(functional.shaped_relu(g) ** 2))
     assert abs(m2 - 1.0) < 5 * math.sqrt(5.0 / 200_000)  # Var[out^2] = 6 - 1
 

@@ -92,7 +92,7 @@ def test_score_samplers():
     np.testing.assert_array_equal(jnp.sum(s == 7.0, axis=-1), 3)
     n = dg.sample_scores(KEY, 1000, 12, "normal", std=3.0)
     assert abs(float(n.std()) - 3.0) < 0.1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="kind='laplace' is not one of"):
         dg.sample_scores(KEY, 2, 2, "laplace")
 
 
@@ -193,5 +193,6 @@ def test_layer_gradient_norms_per_layer():
     # per-layer norms of a plain pytree, by hand
     tree = {"stack": {"layers": {"value": {"kernel": jnp.ones((depth, 2, 2))}}}}
     np.testing.assert_allclose(dg.layer_gradient_norms(tree, ("value",))["value"], [2.0] * depth)
-    with pytest.raises(ValueError):
+    missing = r"no stacked 'kernel' gradients found under 'layers' for \['query', 'value'\]"
+    with pytest.raises(ValueError, match=missing):
         dg.layer_gradient_norms({"a": jnp.ones(3)})

@@ -124,7 +124,7 @@ def test_block_kinds_and_errors():
         estimate_coefficients(linear_layer, V3, width=4, widths=(8, 16), num_samples=10, key=jax.random.key(0))
     with pytest.raises(ValueError, match="positive semi-definite"):
         estimate_coefficients(linear_layer, -np.eye(2), width=8, num_samples=10, key=jax.random.key(0))
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(NotImplementedError, match="GramTransition needs a function or a subclass"):
         GramTransition()(jax.random.key(0), jnp.eye(2), 4)
 
 

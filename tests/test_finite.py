@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from helpers import se_mean
 from sde import finite
 from sde.coefficients import correlation
 from shaped_attn import config as mc
@@ -79,7 +80,7 @@ def test_gram_and_weights_samplers_agree_in_distribution(variant):
 
 
 def test_sampler_agreement_test_has_power():
-    # Negative control: the same KS check separates the shaped network at gamma 0.5 and 0.6.
+    # Negative control: the same KS check separates the shaped network at gamma 0.5 and 0.8.
     kw = dict(width=24, depth=6, num_samples=1500, sampler="gram")
     a = finite.simulate_finite(V0, functools.partial(mc.shaped_config, gamma=0.5), key=jax.random.key(1), **kw)
     b = finite.simulate_finite(V0, functools.partial(mc.shaped_config, gamma=0.8), key=jax.random.key(2), **kw)
@@ -93,7 +94,7 @@ def test_zero_query_attention_keeps_the_mean_exactly(sampler):
     cfg = functools.partial(mc.shaped_config, gamma=0.7, sublayers="attention", query_init="zero")
     r = finite.simulate_finite(V0, cfg, width=16, depth=1, num_samples=4000, key=KEY, sampler=sampler)
     V1 = r.V[:, 1]
-    se = V1.std(axis=0, ddof=1) / np.sqrt(V1.shape[0])
+    se = se_mean(V1, axis=0, ddof=1)
     z = (V1.mean(axis=0) - np.asarray(V0)) / se
     assert np.all(np.abs(z) < 5), z
     # ...and the fluctuation is really there (the test is not vacuous): Var(V_1,11) ~ 1/n.
@@ -227,7 +228,7 @@ def test_reduced_sampler_one_layer_mean_of_the_mlp_block():
                                 chunk_size=S).V[:, 1]
     s_plus, s_minus = 1 + 0.5 / np.sqrt(width), 1 - 1.0 / np.sqrt(width)
     expected = (1 - gamma**2) * np.asarray(V0) + gamma**2 * _shaped_relu_kernel(np.asarray(V0), s_plus, s_minus)
-    z = (V1.mean(axis=0) - expected) / (V1.std(axis=0, ddof=1) / np.sqrt(S))
+    z = (V1.mean(axis=0) - expected) / se_mean(V1, axis=0, ddof=1)
     assert np.all(np.abs(z) < 5), z
     assert V1[:, 0, 0].std() > 0.1  # the fluctuation is there
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import random_psd, se_mean
 from sde import coefficients as C
 from sde.activation_constants import (
     compute_expansion,
@@ -50,11 +51,6 @@ REJECTED = {
     "norm_cosmax": "not those of", "norm_sin2max_shifted": "not those of",
     "norm_sinmax": "f\\(0\\) = 0", "norm_sin2max": "f\\(0\\) = 0",
 }
-
-
-def random_psd(seed, m=3):
-    B = np.random.default_rng(seed).normal(size=(m, m))
-    return B @ B.T / m + 0.3 * np.eye(m)
 
 
 # ------------------------------------------------------------------------- 1. constants
@@ -145,7 +141,7 @@ def paper_bracket(V):
 
 @pytest.mark.parametrize("block", ["attention", "transformer"])
 def test_softmax_reproduces_the_paper(block):
-    V = jnp.asarray(random_psd(4, m=4))
+    V = jnp.asarray(random_psd(4, 4, ridge=0.3))
     new = SDEParams(gamma=0.6, tau0=0.8, block=block, activation="softmax")
     assert new.attention_constants == SOFTMAX
     ref = 0.36 / 0.64 * paper_bracket(np.asarray(V))
@@ -184,7 +180,7 @@ def expansion_moments(name, V):
 @pytest.mark.parametrize("name", sorted(EXPANDABLE))
 @pytest.mark.parametrize("m", [2, 4])
 def test_coefficients_are_the_second_order_expansion(name, m):
-    V = jnp.asarray(random_psd(10 + m, m))
+    V = jnp.asarray(random_psd(10 + m, m, ridge=0.3))
     drift2, cov1 = expansion_moments(name, V)
     p = SDEParams(gamma=1.0, tau0=1.0, block="attention", activation=name)
     scale = float(jnp.max(jnp.abs(drift2))) + 1.0
@@ -196,14 +192,14 @@ def test_coefficients_are_the_second_order_expansion(name, m):
 
 
 def test_noise_and_solve_use_the_general_coefficients():
-    V = jnp.asarray(random_psd(7))
+    V = jnp.asarray(random_psd(7, ridge=0.3))
     for name in ("sin2max_shifted", "cosmax"):
         p = SDEParams(gamma=0.8, tau0=0.7, block="attention", activation=name)
         N = sample_noise(jax.random.key(0), jnp.broadcast_to(V, (40_000, 3, 3)), p)
         x = np.asarray(C.sym_to_vec(N))
         S = np.asarray(C.diffusion_matrix(V, p))
         x2 = x[:, :, None] * x[:, None, :]
-        z = (x2.mean(0) - S) / (x2.std(0) / math.sqrt(len(x)))
+        z = (x2.mean(0) - S) / se_mean(x2, axis=0)
         assert np.max(np.abs(z)) < 5
     p = SDEParams(gamma=0.8, tau0=0.7, block="attention", activation="sin2max_shifted")
     sol = solve_drift(V, p, T=0.01, dt=0.001)
@@ -270,7 +266,7 @@ SLOW = pytest.mark.skipif(
     not os.environ.get("SHAPED_ATTN_SLOW"),
     reason="minutes of CPU: set SHAPED_ATTN_SLOW=1 (SHAPED_ATTN_QUICK=1 reduces the samples)",
 )
-V_FAST = random_psd(0)
+V_FAST = random_psd(0, ridge=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +326,7 @@ SLOW_CASES = [  # (activation, gamma, tau0, heads, layout)
     *[(a, 0.7, 0.5, 1, "sum") for a in ("softmax", "sin2max_shifted", "sin_softmax", "cosmax")],
     *[("sin2max_shifted", 0.8, 0.75, H, lay) for H in (2, 4) for lay in ("sum", "concat")],
 ]
-SLOW_VS = [random_psd(0), random_psd(1), 0.4 * np.eye(3) + 0.6 * np.ones((3, 3))]
+SLOW_VS = [random_psd(0, ridge=0.3), random_psd(1, ridge=0.3), 0.4 * np.eye(3) + 0.6 * np.ones((3, 3))]
 
 
 def verification_rows(num_samples):
@@ -357,7 +353,7 @@ def test_verification_table():
 def test_library_block_extrapolated_to_infinite_width():
     """The real block (Gram sampler with m x n features, sde.finite) at widths 64..256,
     extrapolated to n -> inf with est(n) = c0 + c1 / n, agrees with the SDE."""
-    V = random_psd(1)
+    V = random_psd(1, ridge=0.3)
     cfg = functools.partial(shaped_config, gamma=1.0, tau0=1.0, sublayers="attention",
                             activation="sin2max_shifted")
     n = 60_000 if os.environ.get("SHAPED_ATTN_QUICK") else 200_000
@@ -434,7 +430,7 @@ def test_smooth_mlp_constants_and_drift():
     assert drift_smooth(V, 2.0, -1.0, 0.5)[0, 0] == pytest.approx(2.0 * 1.7 * 0.7 / 0.25)
     assert drift_smooth(jnp.ones((3, 3)), 2.0, -1.0, 0.5) == pytest.approx(np.zeros((3, 3)))
     # The block combinations: gamma^2 b_smooth; the transformer adds b_att; same diffusion.
-    V = jnp.asarray(random_psd(3))
+    V = jnp.asarray(random_psd(3, ridge=0.3))
     mlp = SDEParams(gamma=0.6, block="mlp", mlp_activation="tanh", mlp_scale=0.5)
     np.testing.assert_allclose(C.drift(V, mlp), 0.36 * drift_smooth(V, 0.0, -2.0, 0.5), rtol=1e-14)
     full = SDEParams(gamma=0.6, block="transformer", mlp_activation="tanh", mlp_scale=0.5)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import sde
+from helpers import random_psd
 from sde import coefficients as C
 
 # --------------------------------------------------------------------------- index-form reference
@@ -78,12 +79,6 @@ def ref_coefficients(V, gamma, tau0, c_plus, c_minus, block, heads):
     if block == "mlp":
         return g2 * b_relu, 2 * g2 * lin
     return b_att + g2 * b_relu, g2 * (4 - g2) * lin + acal_c * acal
-
-
-def random_psd(rng, m, rank=None):
-    rank = m if rank is None else rank
-    A = rng.standard_normal((m, rank))
-    return A @ A.T / rank + (0.1 * np.eye(m) if rank == m else 0.0)
 
 
 PARAM_SETS = [

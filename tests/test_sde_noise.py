@@ -15,17 +15,13 @@ import numpy as np
 import pytest
 
 import sde
+from helpers import random_psd, se_mean
 
 BOUNDARY = {
     "rank1": np.outer([1.0, -0.5, 2.0], [1.0, -0.5, 2.0]),
     "rho1": np.array([[1.0, 1.0], [1.0, 1.0]]),
-    "rank2_of_4": (lambda A: A @ A.T)(np.random.default_rng(9).standard_normal((4, 2))),
+    "rank2_of_4": 2 * random_psd(9, 4, rank=2),  # A A^T, A (4, 2) standard normal
 }
-
-
-def random_psd(rng, m):
-    A = rng.standard_normal((m, m))
-    return A @ A.T / m + 0.1 * np.eye(m)
 
 
 def structured_covariance(V, params, factor="eigh"):
@@ -171,7 +167,7 @@ def _mc_check(draws_vec, S, n_se=5.0):
     x = np.asarray(draws_vec)
     prods = x[:, :, None] * x[:, None, :]
     emp = prods.mean(axis=0)
-    se = prods.std(axis=0) / math.sqrt(x.shape[0])
+    se = se_mean(prods, axis=0)
     z = np.abs(emp - np.asarray(S)) / se
     return float(z.max())
 
@@ -197,7 +193,7 @@ def test_noise_covariance_monte_carlo(route):
     assert _mc_check(vec, wrong) > 5.0
     # mean zero
     mean = np.asarray(vec).mean(axis=0)
-    se = np.asarray(vec).std(axis=0) / math.sqrt(n)
+    se = se_mean(vec, axis=0)
     assert np.all(np.abs(mean) < 5 * se)
 
 

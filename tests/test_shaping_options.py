@@ -12,10 +12,10 @@ from flax import nnx
 
 import shaped_attn as sa
 from shaped_attn import activations, config, functional, lm, training
+from helpers import F64, normal64, se_mean
 from shaped_attn.attention import MultiHeadAttention
 
 N, HEADS, L, DEPTH, WARMUP = 16, 2, 6, 2, 4
-F64 = dict(param_dtype="float64")
 
 
 def _lm(block, seed=0, final_norm=False):
@@ -35,7 +35,7 @@ def _shaped(**kw):
 
 
 def test_unit_gains_reproduce_the_shaped_attention_exactly():
-    scores = jax.random.normal(jax.random.key(0), (2, HEADS, L, L), jnp.float64)
+    scores = normal64(0, (2, HEADS, L, L))
     mask = functional.causal_mask(L)
     att = sa.AttentionConfig(N, num_heads=HEADS, temperature="standard", identity_gain=1.0, centre_gain=1.0)
     tau = functional.temperature(att)
@@ -160,7 +160,7 @@ def test_paper_init_variances_by_moments():
         assert abs(w.mean()) < 5 * math.sqrt(variance / w.size), name
         assert getattr(mods[0], name).bias is None
     # tau0 = 1 equivalence: E[(x W_Q W_K^T y / tau)^2] = |x|^2 |y|^2 / n^3, as with theory init
-    x = jax.random.normal(jax.random.key(7), (3, n), jnp.float64)
+    x = normal64(7, (3, n))
     att1 = sa.AttentionConfig(n, temperature="standard")
 
     def scaled_scores(key):
@@ -170,7 +170,7 @@ def test_paper_init_variances_by_moments():
     s2 = jax.vmap(scaled_scores)(jax.random.split(jax.random.key(8), 4000)) ** 2
     sq = jnp.sum(x**2, axis=1)
     ratio = np.asarray((s2 / (sq[:, None] * sq[None, :] / n**3)[None]).mean(axis=(1, 2)))
-    assert abs(ratio.mean() - 1) < 5 * ratio.std(ddof=1) / math.sqrt(ratio.size)
+    assert abs(ratio.mean() - 1) < 5 * se_mean(ratio, ddof=1)
 
 
 def test_paper_init_keeps_other_weights_theory_and_gamma_small():
