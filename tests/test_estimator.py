@@ -1,4 +1,4 @@
-"""The one-layer coefficient estimator (sde.estimator): exact cases, calibrated standard
+"""The one-layer coefficient estimator (sde.estimate_coefficients): exact cases, calibrated standard
 errors, chunking invariance, the width extrapolation, and the exact Gram-level attention
 sampler against the finite-network Monte Carlo."""
 
@@ -10,15 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sde import coefficients as C
-from sde.estimator import (
-    AttentionTransition,
-    CoefficientEstimate,
-    GramTransition,
-    estimate_coefficients,
-    extrapolate,
-)
-from sde.finite import gram_map
+from sde._theory import coefficients as C
+from sde import AttentionTransition, CoefficientEstimate, GramTransition, estimate_coefficients
+from sde._estimator import extrapolate
+from sde._mc.gram_maps import gram_map
 from shaped_attn.config import shaped_config
 
 SLOW = pytest.mark.skipif(not os.environ.get("SHAPED_ATTN_SLOW"), reason="set SHAPED_ATTN_SLOW=1")

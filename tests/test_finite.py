@@ -14,8 +14,13 @@ import pytest
 from scipy import stats
 
 from helpers import se_mean
-from sde import finite
-from sde.coefficients import correlation
+from sde import FiniteSampler, simulate_finite
+from sde._helpers.linalg import gram
+from sde._helpers.wishart import chi_square
+from sde._mc.gram_maps import gram_map, gram_scores
+from sde._mc.inputs import initial_tokens
+from sde._mc.sampler import SAMPLERS, stop_samples
+from sde._theory.coefficients import correlation
 from shaped_attn import config as mc
 
 M = 3
@@ -25,23 +30,23 @@ KEY = jax.random.key(1234)
 
 def test_initial_tokens_exact_and_centred():
     V = jnp.asarray([[2.0, 0.3, -0.5], [0.3, 1.0, 0.1], [-0.5, 0.1, 0.7]])
-    x0 = finite.initial_tokens(V, 40)
+    x0 = initial_tokens(V, 40)
     np.testing.assert_allclose(x0 @ x0.T / 40, V, atol=1e-12)
     np.testing.assert_allclose(x0.mean(axis=1), 0.0, atol=1e-12)
     with pytest.raises(ValueError, match="width=3 must be at least m \\+ 1 = 4"):
-        finite.initial_tokens(V, 3)
+        initial_tokens(V, 3)
 
 
 def test_gram_map_on_collapsed_tokens():
     """Two identical tokens make x x^T / n singular (Cholesky fails): the fresh x W is still
     finite, keeps the two tokens identical, and has the right scale."""
     x = jnp.stack([jnp.ones(400), jnp.ones(400), jnp.cos(jnp.arange(400.0))])
-    y = finite.gram_map(jax.random.key(0), 5000)(x)
+    y = gram_map(jax.random.key(0), 5000)(x)
     assert bool(jnp.all(jnp.isfinite(y)))
     np.testing.assert_allclose(y[0], y[1], atol=1e-6)  # sqrt of a rounding-level eigenvalue
-    S = finite.gram(x)
+    S = gram(x)
     # entries of y y^T / n_out estimate S with standard error about sqrt(2 / 5000) * |S|
-    np.testing.assert_allclose(finite.gram(y), S, atol=5 * np.sqrt(2 / 5000) * 1.0)
+    np.testing.assert_allclose(gram(y), S, atol=5 * np.sqrt(2 / 5000) * 1.0)
 
 
 VARIANTS = {
@@ -58,7 +63,7 @@ VARIANTS["shaped_out_proj_2_heads"] = functools.partial(mc.shaped_config, gamma=
 @functools.lru_cache(maxsize=None)
 def _last_layer(variant: str, sampler: str, seed: int) -> np.ndarray:
     """``V`` at the last layer of 1500 networks (width 24, depth 6), shared between tests."""
-    r = finite.simulate_finite(V0, VARIANTS[variant], width=24, depth=6, num_samples=1500,
+    r = simulate_finite(V0, VARIANTS[variant], width=24, depth=6, num_samples=1500,
                                key=jax.random.key(seed), sampler=sampler)
     assert not r.stopped.any()
     return r.V[:, -1]
@@ -82,17 +87,17 @@ def test_gram_and_weights_samplers_agree_in_distribution(variant):
 def test_sampler_agreement_test_has_power():
     # Negative control: the same KS check separates the shaped network at gamma 0.5 and 0.8.
     kw = dict(width=24, depth=6, num_samples=1500, sampler="gram")
-    a = finite.simulate_finite(V0, functools.partial(mc.shaped_config, gamma=0.5), key=jax.random.key(1), **kw)
-    b = finite.simulate_finite(V0, functools.partial(mc.shaped_config, gamma=0.8), key=jax.random.key(2), **kw)
+    a = simulate_finite(V0, functools.partial(mc.shaped_config, gamma=0.5), key=jax.random.key(1), **kw)
+    b = simulate_finite(V0, functools.partial(mc.shaped_config, gamma=0.8), key=jax.random.key(2), **kw)
     assert stats.ks_2samp(a.V[:, -1, 0, 0], b.V[:, -1, 0, 0]).pvalue < 1e-4
 
 
-@pytest.mark.parametrize("sampler", finite.SAMPLERS)
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_zero_query_attention_keeps_the_mean_exactly(sampler):
     # W_Q = 0 gives A = I, so Z = lam X + gamma X W_V / sqrt(n) and E[V_1 | V_0] = V_0 at any n
     # (spec section 5). Monte Carlo mean of V_1 within 5 standard errors of V_0, every entry.
     cfg = functools.partial(mc.shaped_config, gamma=0.7, sublayers="attention", query_init="zero")
-    r = finite.simulate_finite(V0, cfg, width=16, depth=1, num_samples=4000, key=KEY, sampler=sampler)
+    r = simulate_finite(V0, cfg, width=16, depth=1, num_samples=4000, key=KEY, sampler=sampler)
     V1 = r.V[:, 1]
     se = se_mean(V1, axis=0, ddof=1)
     z = (V1.mean(axis=0) - np.asarray(V0)) / se
@@ -103,8 +108,8 @@ def test_zero_query_attention_keeps_the_mean_exactly(sampler):
 
 def test_results_do_not_depend_on_chunk_size():
     kw = dict(width=16, depth=4, num_samples=10, key=KEY)
-    a = finite.simulate_finite(V0, VARIANTS["shaped"], chunk_size=10, **kw)
-    b = finite.simulate_finite(V0, VARIANTS["shaped"], chunk_size=3, **kw)
+    a = simulate_finite(V0, VARIANTS["shaped"], chunk_size=10, **kw)
+    b = simulate_finite(V0, VARIANTS["shaped"], chunk_size=3, **kw)
     # Same per-sample keys; only XLA's batch-size-dependent rounding differs.
     np.testing.assert_allclose(a.V, b.V, rtol=1e-12)
 
@@ -116,10 +121,13 @@ def test_results_do_not_depend_on_device_count(tmp_path):
         import functools, json, sys
         import jax, numpy as np
         jax.config.update("jax_enable_x64", True)
-        from sde import finite
+        import sde
+        from sde._helpers import devices
         from shaped_attn import config as mc
+        devices.SHARD_ON_CPU = True  # exercise the sharded program (small m: no XLA CPU deadlock)
+        assert devices.sample_mesh().size == 4
         V0 = 0.8 * np.eye(3) + 0.2
-        r = finite.simulate_finite(V0, functools.partial(mc.shaped_config, gamma=0.5), width=16,
+        r = sde.simulate_finite(V0, functools.partial(mc.shaped_config, gamma=0.5), width=16,
                                    depth=4, num_samples=10, key=jax.random.key(1234), chunk_size=5)
         json.dump({"devices": jax.device_count(), "V": r.V.tolist()}, sys.stdout)
         """
@@ -128,7 +136,7 @@ def test_results_do_not_depend_on_device_count(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     res = json.loads(out.stdout)
     assert res["devices"] == 4
-    local = finite.simulate_finite(V0, VARIANTS["shaped"], width=16, depth=4, num_samples=10, key=KEY)
+    local = simulate_finite(V0, VARIANTS["shaped"], width=16, depth=4, num_samples=10, key=KEY)
     np.testing.assert_allclose(np.asarray(res["V"]), local.V, rtol=1e-12, atol=1e-14)
 
 
@@ -136,9 +144,10 @@ def test_stop_samples_flags_and_freezes():
     V = np.ones((3, 5, 2, 2))
     V[1, 3:] = 1e6
     V[2, 2, 0, 0] = np.nan
-    r = finite.stop_samples(V, stop_norm=1e4)
+    r = stop_samples(V, width=10, stop_norm=1e4)
     np.testing.assert_array_equal(r.stopped, [False, True, True])
-    np.testing.assert_array_equal(r.stop_layer, [5, 3, 2])
+    np.testing.assert_array_equal(r.stop_time, [np.inf, 0.3, 0.2])
+    np.testing.assert_allclose(r.t, np.arange(5) / 10)
     assert np.all(np.isfinite(r.V))
     np.testing.assert_array_equal(r.V[1, 3:], np.ones((2, 2, 2)))
     assert r.stopped_fraction == pytest.approx(2 / 3)
@@ -159,7 +168,7 @@ def test_stop_samples_flags_and_freezes():
 def test_validation(kwargs, match):
     args = dict(V0=V0, width=8, depth=2, num_samples=2, sampler="gram") | kwargs
     with pytest.raises(ValueError, match=match):
-        finite.simulate_finite(args.pop("V0"), VARIANTS["shaped"], key=KEY, **args)
+        simulate_finite(args.pop("V0"), VARIANTS["shaped"], key=KEY, **args)
 
 
 def test_bartlett_scores_have_the_law_of_explicit_products():
@@ -167,7 +176,7 @@ def test_bartlett_scores_have_the_law_of_explicit_products():
     # n_k = m = 3 where the product is far from Gaussian. KS on a diagonal and an off-diagonal
     # entry; the negative control (a Gaussian of the same variance) must be rejected.
     n, nk, draws = 10, 3, 20000
-    x = finite.initial_tokens(V0, n)
+    x = initial_tokens(V0, n)
     keys = jax.random.split(jax.random.key(5), draws)
 
     def explicit(k):
@@ -177,7 +186,7 @@ def test_bartlett_scores_have_the_law_of_explicit_products():
         return (x @ wq) @ (x @ wk).T
 
     a = np.asarray(jax.vmap(explicit)(keys))
-    b = np.asarray(jax.vmap(lambda k: finite.gram_scores(k, 1, nk)(x)[0])(jax.random.split(jax.random.key(6), draws)))
+    b = np.asarray(jax.vmap(lambda k: gram_scores(k, 1, nk)(x)[0])(jax.random.split(jax.random.key(6), draws)))
     for i, j in [(0, 0), (0, 1), (2, 1)]:
         assert stats.ks_2samp(a[:, i, j], b[:, i, j]).pvalue > 1e-4, (i, j)
     gauss = np.random.default_rng(0).normal(size=draws) * a[:, 0, 0].std()
@@ -224,7 +233,7 @@ def test_reduced_sampler_one_layer_mean_of_the_mlp_block():
     # (The attention path's mean: test_zero_query_attention_keeps_the_mean_exactly.)
     S, width, gamma = 16384, 16, 0.6
     mlp = functools.partial(mc.shaped_config, gamma=gamma, sublayers="mlp", c_plus=0.5, c_minus=-1.0)
-    V1 = finite.simulate_finite(V0, mlp, width=width, depth=1, num_samples=S, key=KEY, sampler="reduced",
+    V1 = simulate_finite(V0, mlp, width=width, depth=1, num_samples=S, key=KEY, sampler="reduced",
                                 chunk_size=S).V[:, 1]
     s_plus, s_minus = 1 + 0.5 / np.sqrt(width), 1 - 1.0 / np.sqrt(width)
     expected = (1 - gamma**2) * np.asarray(V0) + gamma**2 * _shaped_relu_kernel(np.asarray(V0), s_plus, s_minus)
@@ -235,15 +244,15 @@ def test_reduced_sampler_one_layer_mean_of_the_mlp_block():
 
 def test_reduced_sampler_rejects_layer_norm_and_auto_picks():
     with pytest.raises(ValueError, match="sampler='reduced' does not support this block: kind='pre_ln' has LayerNorm"):
-        finite.simulate_finite(V0, VARIANTS["pre_ln"], width=8, depth=2, num_samples=2, key=KEY, sampler="reduced")
-    pick = lambda config: finite.FiniteSampler(V0, config, width=8, depth=1, sampler="auto").sampler  # noqa: E731
+        simulate_finite(V0, VARIANTS["pre_ln"], width=8, depth=2, num_samples=2, key=KEY, sampler="reduced")
+    pick = lambda config: FiniteSampler(V0, config, width=8, depth=1, sampler="auto").sampler  # noqa: E731
     assert pick(VARIANTS["pre_ln"]) == "gram"
     assert pick(VARIANTS["shaped"]) == pick(VARIANTS["unshaped"]) == "reduced"
 
 
 def test_reduced_sampler_samples_depend_only_on_their_index():
     # Samples 2, 3 computed in chunk [0, 4) and in chunk [2, 6): same fold_in(key, i) draws.
-    runner = finite.FiniteSampler(V0, VARIANTS["shaped"], width=16, depth=2, sampler="reduced")
+    runner = FiniteSampler(V0, VARIANTS["shaped"], width=16, depth=2, sampler="reduced")
     np.testing.assert_allclose(runner.chunk(KEY, 0, 4)[2:], runner.chunk(KEY, 2, 6)[:2], rtol=1e-12)
 
 
@@ -251,7 +260,7 @@ def test_reduced_sampler_samples_depend_only_on_their_index():
 def test_chi_square_law(proposals):
     # proposals=1 makes repeat rounds (the while loop) frequent; df < 2 takes the boost path.
     dfs = np.array([0.5, 1.0, 3.0, 197.0])
-    draw = jax.jit(jax.vmap(lambda k: finite.chi_square(k, dfs, (4,), jnp.float64, proposals=proposals)))
+    draw = jax.jit(jax.vmap(lambda k: chi_square(k, dfs, (4,), jnp.float64, proposals=proposals)))
     x = np.asarray(draw(jax.random.split(jax.random.key(7), 5000)))
     for i, df in enumerate(dfs):
         assert stats.kstest(x[:, i], stats.chi2(df).cdf).pvalue > 1e-4, df

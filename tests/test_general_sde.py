@@ -5,7 +5,7 @@ several heads (docs/general_activation_sde.md), checked three ways:
 2. the second-order expansion itself, exactly: the drift is the Hessian of ``A V A^T`` in the
    scores contracted with the score covariance, and the ``Acal`` term is the Jacobian's
    (no Monte Carlo; any activation, any m);
-3. the one-layer estimator (sde.estimator) against the SDE coefficients with 5-sigma
+3. the one-layer estimator (sde.estimate_coefficients) against the SDE coefficients with 5-sigma
    tolerances, and the power of that check: wrong constants give |z| >> 5.
 
 ``python tests/test_general_sde.py`` prints the verification table of the docs (slow).
@@ -21,18 +21,17 @@ import numpy as np
 import pytest
 
 from helpers import random_psd, se_mean
-from sde import coefficients as C
-from sde.activation_constants import (
+from sde._theory import coefficients as C
+from sde import AttentionTransition, SDEParams, estimate_coefficients, expansion, sample_noise, solve, sym_to_vec
+from sde._mc.activations import expansion_table
+from sde._theory.constants import (
+    SOFTMAX,
+    AttentionConstants,
     compute_expansion,
-    expansion,
-    expansion_table,
     predicted_hessian,
     predicted_jacobian,
 )
-from sde.estimator import AttentionTransition, estimate_coefficients
-from sde.noise import sample_noise
-from sde.params import SOFTMAX, AttentionConstants, SDEParams
-from sde.solve import solve_drift
+from sde._theory.correlation import correlation_drift
 from shaped_attn import activations
 from shaped_attn.config import shaped_config
 
@@ -42,6 +41,7 @@ EXPANDABLE = {  # name: (a1, a2) from f(s) = f(0) (1 + a1 s + a2 s^2 / 2 + ...),
     "sin2max_shifted": (2.0, 0.0),     # sin^2(s + pi/4) = (1 + sin 2s) / 2
     "cosmax": (0.0, -1.0),             # cos
     "sirenmax": (2.0, 4.0),            # (1 + sin s) / (2 - 2 sin s) = (1 + 2s + 2s^2 + ...) / 2
+    "sin10max": (10.0, 0.0),           # 1 + sin(10 s): the authors' training-script sinmax
 }
 REJECTED = {
     "sinmax": "f\\(0\\) = 0", "sin2max": "f\\(0\\) = 0", "polynomial2": "w\\(0\\) = 0",
@@ -50,6 +50,7 @@ REJECTED = {
     "norm_sin_softmax": "depends on the other scores", "norm_sirenmax": "depends on the other scores",
     "norm_cosmax": "not those of", "norm_sin2max_shifted": "not those of",
     "norm_sinmax": "f\\(0\\) = 0", "norm_sin2max": "f\\(0\\) = 0",
+    "norm_softmax": "depends on the other scores", "norm_sin10max": "not those of",
 }
 
 
@@ -71,8 +72,8 @@ def test_rejections_name_the_activation_and_the_reason(name):
     with pytest.raises(ValueError, match=REJECTED[name]) as err:
         expansion(name)
     assert repr(name) in str(err.value)
-    with pytest.raises(ValueError, match=repr(name)):
-        SDEParams(gamma=0.5, block="attention", activation=name)
+    with pytest.raises(ValueError, match=repr(name)):  # the same reason through the bridge
+        SDEParams.from_block(shaped_config(16, 0.5, sublayers="attention", activation=name))
 
 
 def test_user_activations_and_the_form_check():
@@ -94,16 +95,18 @@ def test_user_activations_and_the_form_check():
 
 
 def test_constants_come_from_the_expansion():
-    c = SDEParams(gamma=0.5, activation="sin2max_shifted").attention_constants
+    c = SDEParams(gamma=0.5, activation=expansion("sin2max_shifted")).attention_constants
     a1, a2 = expansion("sin2max_shifted").a1, expansion("sin2max_shifted").a2
     assert c == AttentionConstants.from_expansion(a1, a2)
     assert (c.trace_weight, c.outer_weight, c.acal_weight) == pytest.approx((4.0, 0.0, 4.0))
     assert c.shift_weight == pytest.approx(-4.0)
     assert SDEParams(gamma=0.5).attention_constants == SOFTMAX
-    p = SDEParams(gamma=0.5, tau0=2.0, activation="cosmax", block="attention")
+    p = SDEParams(gamma=0.5, tau0=2.0, activation=expansion("cosmax"), block="attention")
     assert p.acal_coeff == 0.0  # a1 = 0: no Acal noise at leading order
-    assert SDEParams(gamma=0.5, block="mlp", activation="sinmax").block == "mlp"  # unused there
+    assert SDEParams(gamma=0.5, block="mlp", activation=expansion("cosmax")).block == "mlp"  # unused there
     with pytest.raises(ValueError, match="unknown activation"):
+        expansion("nope")
+    with pytest.raises(ValueError, match="activation='nope': the theory knows only 'softmax'"):
         SDEParams(gamma=0.5, activation="nope")
     with pytest.raises(ValueError, match="head_layout"):
         SDEParams(gamma=0.5, head_layout="stack")
@@ -117,10 +120,10 @@ def test_expansion_and_params_inside_a_traced_function():
     @jax.jit
     def drift_of(V):
         seen["e"] = compute_expansion(lambda s, mask=None: activations.get("sin2max_shifted")(s, mask))
-        return C.drift(V, SDEParams(gamma=0.5, activation="sin2max_shifted"))
+        return C.drift(V, SDEParams(gamma=0.5, activation=expansion("sin2max_shifted")))
 
     V = jnp.asarray([[1.0, 0.3, 0.1], [0.3, 0.8, 0.2], [0.1, 0.2, 1.2]])
-    np.testing.assert_allclose(drift_of(V), C.drift(V, SDEParams(gamma=0.5, activation="sin2max_shifted")),
+    np.testing.assert_allclose(drift_of(V), C.drift(V, SDEParams(gamma=0.5, activation=expansion("sin2max_shifted"))),
                                rtol=1e-12)
     e = expansion("sin2max_shifted")
     assert (seen["e"].a1, seen["e"].a2) == pytest.approx((e.a1, e.a2), rel=1e-12)
@@ -129,7 +132,7 @@ def test_expansion_and_params_inside_a_traced_function():
 
 
 def paper_bracket(V):
-    """spec/sde.md section 2, written out independently of sde.coefficients."""
+    """docs/sde.md §3-5, written out independently of the coefficients module."""
     m = V.shape[-1]
     P = np.eye(m) - 1.0 / m
     F = P @ V @ P
@@ -152,7 +155,7 @@ def test_softmax_reproduces_the_paper(block):
     ref_S = k_lin * C.sigma_lin(V) + 0.36**2 / 0.64 * C.acal(V)
     np.testing.assert_allclose(C.diffusion_matrix(V, new), ref_S, rtol=1e-14, atol=1e-15)
     # sin_softmax has the same constants, hence bitwise the same coefficients.
-    other = SDEParams(gamma=0.6, tau0=0.8, block=block, activation="sin_softmax")
+    other = SDEParams(gamma=0.6, tau0=0.8, block=block, activation=expansion("sin_softmax"))
     assert np.array_equal(C.drift(V, other), C.drift(V, new))
 
 
@@ -173,7 +176,7 @@ def expansion_moments(name, V):
     zero = jnp.zeros((m, m))
     cov = jnp.einsum("ik,jl->ijkl", V, V)
     hess, jac = jax.jit(lambda s: (jax.hessian(g)(s), jax.jacfwd(g)(s)))(zero)
-    J = C.sym_to_vec(jnp.moveaxis(jac, (0, 1), (-2, -1)))  # (m, m, D)
+    J = sym_to_vec(jnp.moveaxis(jac, (0, 1), (-2, -1)))  # (m, m, D)
     return 0.5 * jnp.einsum("abijkl,ijkl->ab", hess, cov), jnp.einsum("ijp,ijkl,klq->pq", J, cov, J)
 
 
@@ -182,7 +185,7 @@ def expansion_moments(name, V):
 def test_coefficients_are_the_second_order_expansion(name, m):
     V = jnp.asarray(random_psd(10 + m, m, ridge=0.3))
     drift2, cov1 = expansion_moments(name, V)
-    p = SDEParams(gamma=1.0, tau0=1.0, block="attention", activation=name)
+    p = SDEParams(gamma=1.0, tau0=1.0, block="attention", activation=expansion(name))
     scale = float(jnp.max(jnp.abs(drift2))) + 1.0
     np.testing.assert_allclose(C.drift(V, p), drift2, atol=1e-12 * scale)
     np.testing.assert_allclose(p.acal_coeff * C.acal(V), cov1, atol=1e-12 * scale)
@@ -194,19 +197,19 @@ def test_coefficients_are_the_second_order_expansion(name, m):
 def test_noise_and_solve_use_the_general_coefficients():
     V = jnp.asarray(random_psd(7, ridge=0.3))
     for name in ("sin2max_shifted", "cosmax"):
-        p = SDEParams(gamma=0.8, tau0=0.7, block="attention", activation=name)
+        p = SDEParams(gamma=0.8, tau0=0.7, block="attention", activation=expansion(name))
         N = sample_noise(jax.random.key(0), jnp.broadcast_to(V, (40_000, 3, 3)), p)
-        x = np.asarray(C.sym_to_vec(N))
+        x = np.asarray(sym_to_vec(N))
         S = np.asarray(C.diffusion_matrix(V, p))
         x2 = x[:, :, None] * x[:, None, :]
         z = (x2.mean(0) - S) / se_mean(x2, axis=0)
         assert np.max(np.abs(z)) < 5
-    p = SDEParams(gamma=0.8, tau0=0.7, block="attention", activation="sin2max_shifted")
-    sol = solve_drift(V, p, T=0.01, dt=0.001)
+    p = SDEParams(gamma=0.8, tau0=0.7, block="attention", activation=expansion("sin2max_shifted"))
+    sol = solve(V, p, T=0.01, dt=0.001, deterministic=True)
     step = np.asarray(sol.V[0, -1] - V)
     expect = 0.01 * np.asarray(C.drift(V, p))
     np.testing.assert_allclose(step, expect, rtol=0.05, atol=1e-6)
-    soft = solve_drift(V, SDEParams(gamma=0.8, tau0=0.7, block="attention"), T=0.01, dt=0.001)
+    soft = solve(V, SDEParams(gamma=0.8, tau0=0.7, block="attention"), T=0.01, dt=0.001, deterministic=True)
     assert not np.allclose(np.asarray(soft.V[0, -1] - V), step, rtol=0.05)
 
 
@@ -236,8 +239,8 @@ def verify(activation, V, *, gamma, tau0, num_samples, heads=1, layout="sum", se
     est_s = est_b if diff_width == drift_width else estimate_coefficients(
         block, V, width=diff_width, num_samples=num_samples, key=jax.random.fold_in(key, 1),
         chunk_size=min(num_samples, 50_000))
-    params = SDEParams(gamma=gamma, tau0=tau0, block="attention", activation=activation,
-                       heads=heads, head_layout=layout)
+    params = SDEParams(gamma=gamma, tau0=tau0, block="attention", heads=heads, head_layout=layout,
+                       activation=activation if activation == "softmax" else expansion(activation))
     return est_b, est_s, params
 
 
@@ -351,7 +354,7 @@ def test_verification_table():
 @pytest.mark.slow
 @SLOW
 def test_library_block_extrapolated_to_infinite_width():
-    """The real block (Gram sampler with m x n features, sde.finite) at widths 64..256,
+    """The real block (Gram sampler with m x n features) at widths 64..256,
     extrapolated to n -> inf with est(n) = c0 + c1 / n, agrees with the SDE."""
     V = random_psd(1, ridge=0.3)
     cfg = functools.partial(shaped_config, gamma=1.0, tau0=1.0, sublayers="attention",
@@ -359,14 +362,14 @@ def test_library_block_extrapolated_to_infinite_width():
     n = 60_000 if os.environ.get("SHAPED_ATTN_QUICK") else 200_000
     est = estimate_coefficients(cfg, V, widths=(64, 128, 256), num_samples=n, key=jax.random.key(7),
                                 bias_exponent=1.0, chunk_size=20_000)
-    zb, zs = est.compare(V, SDEParams(gamma=1.0, tau0=1.0, block="attention", activation="sin2max_shifted"))
+    zb, zs = est.compare(V, SDEParams(gamma=1.0, tau0=1.0, block="attention", activation=expansion("sin2max_shifted")))
     assert np.max(np.abs(zb)) < 5 and np.max(np.abs(zs)) < 5, (zb, zs)
 
 
 def smooth_rows(num_samples):
     """Smooth MLPs (m = 2, gamma = 0.8): the drift at a = 0.6 from n = 128, 256, 512
     extrapolated with c0 + c1 / n, the diffusion at a = 4, n = 256."""
-    from sde.smooth_mlp import smooth_mlp_layer
+    from sde import smooth_mlp_layer
 
     rows = []
     for i, phi in enumerate(("tanh", "gelu", "sin", phi_user)):
@@ -410,7 +413,8 @@ def phi_user(x):
 
 
 def test_smooth_mlp_constants_and_drift():
-    from sde.smooth_mlp import drift_smooth, mlp_constants, normaliser
+    from sde._mc.transitions import normaliser
+    from sde._theory.smooth_mlp import drift_smooth, mlp_constants
 
     assert mlp_constants("tanh")[1:] == pytest.approx((0.0, -2.0), abs=1e-12)
     assert mlp_constants("gelu")[1:] == pytest.approx((2 * math.sqrt(2 / math.pi), 0.0), abs=1e-12)
@@ -438,7 +442,7 @@ def test_smooth_mlp_constants_and_drift():
     relu = SDEParams(gamma=0.6, block="transformer")
     np.testing.assert_array_equal(C.diffusion_matrix(V, full), C.diffusion_matrix(V, relu))
     with pytest.raises(ValueError, match="correlation SDE"):
-        C.correlation_drift(jnp.zeros(2), mlp)
+        correlation_drift(jnp.zeros(2), mlp)
 
 
 V_MLP = np.array([[1.8, 0.6], [0.6, 0.6]])
@@ -447,8 +451,9 @@ V_MLP = np.array([[1.8, 0.6], [0.6, 0.6]])
 def test_estimator_confirms_smooth_mlp_sde():
     """Drift with a strongly curved activation (a = 0.6), diffusion with a = 4 (its O(1/n)
     finite-width bias scales like 1/a^2); both at n = 256 through the finite layer with m x n
-    features (sde.smooth_mlp.smooth_mlp_layer). The slow table covers tanh, gelu and sin."""
-    from sde.smooth_mlp import drift_smooth, smooth_mlp_layer
+    features (sde.smooth_mlp_layer). The slow table covers tanh, gelu and sin."""
+    from sde import smooth_mlp_layer
+    from sde._theory.smooth_mlp import drift_smooth
 
     gamma, n, N = 0.8, 256, 100_000
     V = jnp.asarray(V_MLP)

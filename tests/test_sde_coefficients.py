@@ -17,7 +17,11 @@ import pytest
 
 import sde
 from helpers import random_psd
-from sde import coefficients as C
+from sde._theory import coefficients as C
+from sde._helpers.symmetric import num_upper, upper_indices
+from sde._theory.coefficients import acal, arccos, drift_attention, drift_relu, relu_nu, sigma_lin
+from sde._theory.correlation import correlation_diffusion, correlation_drift
+from sde._theory.params import BLOCKS
 
 # --------------------------------------------------------------------------- index-form reference
 
@@ -90,7 +94,7 @@ PARAM_SETS = [
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5])
-@pytest.mark.parametrize("block", sde.BLOCKS)
+@pytest.mark.parametrize("block", BLOCKS)
 def test_matches_index_form(m, block):
     rng = np.random.default_rng(100 + m)
     for k, ps in enumerate(PARAM_SETS):
@@ -123,7 +127,7 @@ def test_index_form_detects_sign_error():
     np.testing.assert_allclose(np.asarray(sde.drift(V, params)), b_ref, atol=1e-12)
 
 
-@pytest.mark.parametrize("block", sde.BLOCKS)
+@pytest.mark.parametrize("block", BLOCKS)
 def test_batched_and_jit(block):
     rng = np.random.default_rng(7)
     m = 3
@@ -142,7 +146,7 @@ def test_batched_and_jit(block):
 
 
 def test_upper_triangle_helpers():
-    rows, cols = sde.upper_indices(3)
+    rows, cols = upper_indices(3)
     assert list(zip(rows.tolist(), cols.tolist())) == [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
     rng = np.random.default_rng(1)
     A = rng.standard_normal((2, 4, 4))
@@ -150,7 +154,7 @@ def test_upper_triangle_helpers():
     v = sde.sym_to_vec(jnp.asarray(A))
     assert v.shape == (2, 10)
     np.testing.assert_array_equal(np.asarray(sde.vec_to_sym(v)), A)
-    assert sde.num_upper(5) == 15
+    assert num_upper(5) == 15
     with pytest.raises(ValueError, match="D=7"):
         sde.vec_to_sym(jnp.zeros(7))
 
@@ -160,10 +164,10 @@ def test_upper_triangle_helpers():
 
 def test_m1_no_attention_terms():
     V = jnp.array([[2.3]])
-    for block in sde.BLOCKS:
+    for block in BLOCKS:
         p = sde.SDEParams(0.9, 0.3, block=block)
-        assert float(sde.drift_attention(V, p)[0, 0]) == 0.0
-        assert float(sde.acal(V)[0, 0]) == 0.0
+        assert float(drift_attention(V, p)[0, 0]) == 0.0
+        assert float(acal(V)[0, 0]) == 0.0
         assert float(sde.drift(V, p)[0, 0]) == 0.0
         # m = 1: dV = sqrt(2 k_lin) V dW; full block kappa = gamma^2 (4 - gamma^2)
         np.testing.assert_allclose(float(sde.diffusion_matrix(V, p)[0, 0]), 2 * p.k_lin * 2.3**2)
@@ -178,7 +182,7 @@ def test_m2_attention_drift_closed_form():
         p = sde.SDEParams(gamma, tau0, block="attention")
         q = (V[0, 0] + V[1, 1] - 2 * V[0, 1]) / 2
         expected = gamma**2 / (4 * tau0**2) * q**2 * V
-        np.testing.assert_allclose(np.asarray(sde.drift_attention(jnp.asarray(V), p)), expected, rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(drift_attention(jnp.asarray(V), p)), expected, rtol=1e-12)
         np.testing.assert_allclose(np.asarray(sde.drift(jnp.asarray(V), p)), expected, rtol=1e-12)
 
 
@@ -187,15 +191,15 @@ def test_homogeneity_and_temperature_scaling():
     V = jnp.asarray(random_psd(rng, 4))
     p = sde.SDEParams(0.7, 1.3)
     s = 2.7
-    np.testing.assert_allclose(sde.drift_attention(s * V, p), s**3 * sde.drift_attention(V, p), rtol=1e-12)
+    np.testing.assert_allclose(drift_attention(s * V, p), s**3 * drift_attention(V, p), rtol=1e-12)
     # Sigma_lin is homogeneous of degree 2, Acal of degree 4 (G = V P V P V / m^2 is cubic), so
     # Sigma = k_lin Sigma_lin + acal_coeff Acal is homogeneous of degree 2 only without
     # attention (spec section 5 says "Sigma of degree 2": true for Sigma_lin only).
-    np.testing.assert_allclose(sde.sigma_lin(s * V), s**2 * sde.sigma_lin(V), rtol=1e-12)
-    np.testing.assert_allclose(sde.acal(s * V), s**4 * sde.acal(V), rtol=1e-12)
+    np.testing.assert_allclose(sigma_lin(s * V), s**2 * sigma_lin(V), rtol=1e-12)
+    np.testing.assert_allclose(acal(s * V), s**4 * acal(V), rtol=1e-12)
     np.testing.assert_allclose(
         sde.diffusion_matrix(s * V, p),
-        s**2 * p.k_lin * sde.sigma_lin(V) + s**4 * p.acal_coeff * sde.acal(V),
+        s**2 * p.k_lin * sigma_lin(V) + s**4 * p.acal_coeff * acal(V),
         rtol=1e-12,
     )
     pm = sde.SDEParams(0.7, block="mlp")
@@ -204,18 +208,18 @@ def test_homogeneity_and_temperature_scaling():
     np.testing.assert_allclose(
         sde.SDEParams(0.7, 2.6).acal_coeff, p.acal_coeff / 4, rtol=1e-14
     )
-    np.testing.assert_allclose(sde.drift_relu(s * V, p), s * sde.drift_relu(V, p), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(drift_relu(s * V, p), s * drift_relu(V, p), rtol=1e-12, atol=1e-14)
     p2 = sde.SDEParams(0.7, 2.6)
-    np.testing.assert_allclose(sde.drift_attention(V, p2), sde.drift_attention(V, p) / 4, rtol=1e-12)
+    np.testing.assert_allclose(drift_attention(V, p2), drift_attention(V, p) / 4, rtol=1e-12)
     # tau0 -> inf: no attention drift, no Acal
     pinf = sde.SDEParams(0.7, math.inf)
-    assert float(jnp.max(jnp.abs(sde.drift_attention(V, pinf)))) == 0.0
+    assert float(jnp.max(jnp.abs(drift_attention(V, pinf)))) == 0.0
     assert pinf.acal_coeff == 0.0
     np.testing.assert_allclose(
-        sde.diffusion_matrix(V, pinf), pinf.k_lin * sde.sigma_lin(V), rtol=1e-14
+        sde.diffusion_matrix(V, pinf), pinf.k_lin * sigma_lin(V), rtol=1e-14
     )
     np.testing.assert_allclose(
-        sde.drift(V, pinf), pinf.gamma**2 * sde.drift_relu(V, pinf), rtol=1e-14
+        sde.drift(V, pinf), pinf.gamma**2 * drift_relu(V, pinf), rtol=1e-14
     )
     # large but finite tau0 approaches the limit continuously
     pbig = sde.SDEParams(0.7, 1e6)
@@ -224,21 +228,21 @@ def test_homogeneity_and_temperature_scaling():
 
 def test_arccos_matches_numpy():
     x = np.concatenate([np.linspace(-1, 1, 100_001), [0.5, -0.5, np.nextafter(0.5, 1), np.nextafter(1, 0)]])
-    np.testing.assert_allclose(np.asarray(sde.arccos(jnp.asarray(x))), np.arccos(x), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(np.asarray(arccos(jnp.asarray(x))), np.arccos(x), rtol=0, atol=1e-15)
     x32 = x.astype(np.float32)
-    out32 = sde.arccos(jnp.asarray(x32))
+    out32 = arccos(jnp.asarray(x32))
     assert out32.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out32), np.arccos(x32.astype(np.float64)), rtol=0, atol=1e-6)
 
 
 def test_relu_nu_values():
     for cp, cm in [(0.0, -1.0), (0.5, 0.2), (-0.3, 0.9)]:
-        assert float(sde.relu_nu(jnp.array(1.0), cp, cm)) == pytest.approx(0.0, abs=1e-15)
-        assert float(sde.relu_nu(jnp.array(0.0), cp, cm)) == pytest.approx((cp - cm) ** 2 / (2 * math.pi))
-        assert float(sde.relu_nu(jnp.array(-1.0), cp, cm)) == pytest.approx((cp - cm) ** 2 / 2)
+        assert float(relu_nu(jnp.array(1.0), cp, cm)) == pytest.approx(0.0, abs=1e-15)
+        assert float(relu_nu(jnp.array(0.0), cp, cm)) == pytest.approx((cp - cm) ** 2 / (2 * math.pi))
+        assert float(relu_nu(jnp.array(-1.0), cp, cm)) == pytest.approx((cp - cm) ** 2 / 2)
     # diagonal of b_relu is zero (nu(1) = 0), off-diagonal positive for c_plus != c_minus
     V = jnp.asarray(random_psd(np.random.default_rng(4), 3))
-    b = sde.drift_relu(V, sde.SDEParams(0.5))
+    b = drift_relu(V, sde.SDEParams(0.5))
     assert np.all(np.diag(np.asarray(b)) == 0.0)
     assert np.all(np.asarray(b)[~np.eye(3, dtype=bool)] > 0)
 
@@ -249,8 +253,8 @@ def test_heads_divide_acal_only():
     p4 = sde.SDEParams(0.6, 0.8, heads=4)
     np.testing.assert_allclose(sde.drift(V, p4), sde.drift(V, p1), rtol=1e-14)
     np.testing.assert_allclose(
-        sde.diffusion_matrix(V, p4) - p4.k_lin * sde.sigma_lin(V),
-        (sde.diffusion_matrix(V, p1) - p1.k_lin * sde.sigma_lin(V)) / 4,
+        sde.diffusion_matrix(V, p4) - p4.k_lin * sigma_lin(V),
+        (sde.diffusion_matrix(V, p1) - p1.k_lin * sigma_lin(V)) / 4,
         rtol=1e-12,
     )
 
@@ -261,7 +265,7 @@ def test_correlation_sde_is_ito_image_of_matrix_sde(gamma):
     rho = V12 / sqrt(V11 V22) under the m = 2 MLP matrix SDE, computed here with jax
     derivatives of rho and the package's drift / diffusion_matrix (an exact check)."""
     p = sde.SDEParams(gamma, block="mlp", c_plus=0.2, c_minus=-0.9)
-    rows, cols = sde.upper_indices(2)
+    rows, cols = upper_indices(2)
 
     def rho_of_vec(v):
         return v[1] / jnp.sqrt(v[0] * v[2])
@@ -276,14 +280,14 @@ def test_correlation_sde_is_ito_image_of_matrix_sde(gamma):
         ito_drift = grad @ b + 0.5 * jnp.sum(hess * S)
         ito_var = grad @ S @ grad
         rho = rho_of_vec(v)
-        np.testing.assert_allclose(float(sde.correlation_drift(rho, p)), float(ito_drift), rtol=1e-12, atol=1e-14)
-        np.testing.assert_allclose(float(sde.correlation_diffusion(rho, p)) ** 2, float(ito_var), rtol=1e-12)
+        np.testing.assert_allclose(float(correlation_drift(rho, p)), float(ito_drift), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(float(correlation_diffusion(rho, p)) ** 2, float(ito_var), rtol=1e-12)
         # spec's explicit residual form
-        nu = float(sde.relu_nu(rho, 0.2, -0.9))
+        nu = float(relu_nu(rho, 0.2, -0.9))
         r = float(rho)
-        assert float(sde.correlation_drift(rho, p)) == pytest.approx(gamma**2 * (nu - r * (1 - r * r)), rel=1e-12)
+        assert float(correlation_drift(rho, p)) == pytest.approx(gamma**2 * (nu - r * (1 - r * r)), rel=1e-12)
     with pytest.raises(ValueError, match="block"):
-        sde.correlation_drift(jnp.array(0.1), sde.SDEParams(0.5, block="transformer"))
+        correlation_drift(jnp.array(0.1), sde.SDEParams(0.5, block="transformer"))
 
 
 # --------------------------------------------------------------------------- params validation

@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 
 import sde
+from sde._helpers.linalg import eigh_factor, factor_and_check, psd_factor
+from sde._theory.coefficients import acal, attention_gram, sigma_lin
+from sde._theory.noise import attention_factor, generic_noise, noise_dim, noise_from_normals, sample_noise_generic, structured_noise
 from helpers import random_psd, se_mean
 
 BOUNDARY = {
@@ -28,26 +31,26 @@ def structured_covariance(V, params, factor="eigh"):
     """Exact covariance of the upper triangle of the structured noise: N is linear in (Z1, Z2),
     so its Jacobian J has columns N(e_k) for the basis inputs e_k, and Cov = J J^T."""
     m = V.shape[-1]
-    L = sde.psd_factor(V, factor)
+    L = psd_factor(V, factor)
     basis = jnp.eye(2 * m * m, dtype=V.dtype).reshape(-1, 2, m, m)
     Vb = jnp.broadcast_to(V, (2 * m * m, m, m))
     Lb = jnp.broadcast_to(L, (2 * m * m, m, m))
-    J = sde.sym_to_vec(sde.structured_noise(Vb, Lb, basis[:, 0], basis[:, 1], params)).T
+    J = sde.sym_to_vec(structured_noise(Vb, Lb, basis[:, 0], basis[:, 1], params)).T
     return J @ J.T
 
 
 def generic_covariance(V, params):
     D = V.shape[-1] * (V.shape[-1] + 1) // 2
     Vb = jnp.broadcast_to(V, (D,) + V.shape)
-    J = sde.sym_to_vec(sde.generic_noise(Vb, jnp.eye(D, dtype=V.dtype), params)).T
+    J = sde.sym_to_vec(generic_noise(Vb, jnp.eye(D, dtype=V.dtype), params)).T
     return J @ J.T
 
 
 def test_jacobian_by_basis_equals_jacfwd():
     V = jnp.asarray(random_psd(np.random.default_rng(0), 3))
     p = sde.SDEParams(0.8, 0.7)
-    L = sde.eigh_factor(V)
-    f = lambda z: sde.sym_to_vec(sde.structured_noise(V, L, z[0], z[1], p))
+    L = eigh_factor(V)
+    f = lambda z: sde.sym_to_vec(structured_noise(V, L, z[0], z[1], p))
     J = jax.jacfwd(f)(jnp.zeros((2, 3, 3))).reshape(-1, 18)
     np.testing.assert_allclose(J @ J.T, structured_covariance(V, p), atol=1e-12)
 
@@ -83,13 +86,13 @@ def test_noise_from_normals_covariance_exact(m):
     rng = np.random.default_rng(20 + m)
     for params in PARAMS:
         V = jnp.asarray(random_psd(rng, m))
-        L = sde.psd_factor(V, "cholesky")
-        k = sde.noise_dim(m, params)
+        L = psd_factor(V, "cholesky")
+        k = noise_dim(m, params)
         D = m * (m + 1) // 2
         assert k == (D + m * m if (params.acal_coeff > 0 and m > 1) else D)
         basis = jnp.eye(k)
         Vb, Lb = jnp.broadcast_to(V, (k, m, m)), jnp.broadcast_to(L, (k, m, m))
-        J = sde.sym_to_vec(sde.noise_from_normals(Vb, Lb, basis, params)).T
+        J = sde.sym_to_vec(noise_from_normals(Vb, Lb, basis, params)).T
         S = sde.diffusion_matrix(V, params)
         np.testing.assert_allclose(J @ J.T, S, rtol=0, atol=1e-10 * max(1.0, float(jnp.max(jnp.abs(S)))))
 
@@ -99,7 +102,7 @@ def test_structured_covariance_detects_wrong_scaling():
     M = V P L / m, gives a covariance that differs from diffusion_matrix far beyond 1e-10."""
     V = jnp.asarray(random_psd(np.random.default_rng(0), 3))
     p = sde.SDEParams(0.8, 0.7)
-    L = sde.eigh_factor(V)
+    L = eigh_factor(V)
     S = sde.diffusion_matrix(V, p)
 
     def cov_of(noise_fn):
@@ -108,7 +111,7 @@ def test_structured_covariance_detects_wrong_scaling():
 
     a, c = math.sqrt(p.k_lin), math.sqrt(p.acal_coeff)
     no_sqrt2 = lambda z: a * L @ (z[0] + z[0].T) @ L.T + c * (L @ z[1] @ L.T + L @ z[1].T @ L.T)
-    M = sde.attention_factor(V, L)
+    M = attention_factor(V, L)
     right = lambda z: a / math.sqrt(2) * L @ (z[0] + z[0].T) @ L.T + c * (L @ z[1] @ M.T + M @ z[1].T @ L.T)
     assert float(jnp.max(jnp.abs(cov_of(no_sqrt2) - S))) > 0.1
     np.testing.assert_allclose(cov_of(right), S, atol=1e-10 * float(jnp.max(jnp.abs(S))))
@@ -118,9 +121,9 @@ def test_attention_factor_squares_to_G():
     rng = np.random.default_rng(3)
     for m in [2, 4, 6]:
         V = jnp.asarray(random_psd(rng, m))
-        for L in [sde.eigh_factor(V), jnp.linalg.cholesky(V)]:
-            M = sde.attention_factor(V, L)
-            np.testing.assert_allclose(M @ M.T, sde.attention_gram(V), atol=1e-12)
+        for L in [eigh_factor(V), jnp.linalg.cholesky(V)]:
+            M = attention_factor(V, L)
+            np.testing.assert_allclose(M @ M.T, attention_gram(V), atol=1e-12)
 
 
 @pytest.mark.parametrize("name", list(BOUNDARY))
@@ -134,22 +137,22 @@ def test_boundary_psd(name):
     assert not np.all(np.isfinite(np.asarray(jnp.linalg.cholesky(V))))  # plain Cholesky fails
     for factor in ["eigh", "cholesky"]:
         np.testing.assert_allclose(structured_covariance(V, p, factor), S, atol=tol)
-        L, ok = sde.factor_and_check(V, 1e-12, factor)
+        L, ok = factor_and_check(V, 1e-12, factor)
         assert bool(ok) and np.all(np.isfinite(np.asarray(L)))
         np.testing.assert_allclose(L @ L.T, V, atol=1e-12)
     np.testing.assert_allclose(generic_covariance(V, p), S, atol=tol)
     # a batch mixing boundary and interior matrices: Cholesky where it works, eigh elsewhere
     Vi = jnp.asarray(random_psd(np.random.default_rng(1), V.shape[0]))
-    Lb, okb = sde.factor_and_check(jnp.stack([Vi, V]), 1e-12, "cholesky")
+    Lb, okb = factor_and_check(jnp.stack([Vi, V]), 1e-12, "cholesky")
     np.testing.assert_array_equal(np.asarray(Lb[0]), np.asarray(jnp.linalg.cholesky(Vi)))
     np.testing.assert_allclose(Lb[1] @ Lb[1].T, V, atol=1e-12)
     assert np.all(np.asarray(okb))
     # slightly indefinite V: the check fails below -tol, passes above
     w, Q = np.linalg.eigh(np.asarray(V))
     Vneg = jnp.asarray(V - 1e-6 * np.outer(Q[:, 0], Q[:, 0]))
-    assert not bool(sde.factor_and_check(Vneg, 1e-7, "cholesky")[1])
-    assert bool(sde.factor_and_check(Vneg, 1e-5, "cholesky")[1])
-    assert not bool(sde.factor_and_check(Vneg, 1e-7, "eigh")[1])
+    assert not bool(factor_and_check(Vneg, 1e-7, "cholesky")[1])
+    assert bool(factor_and_check(Vneg, 1e-5, "cholesky")[1])
+    assert not bool(factor_and_check(Vneg, 1e-7, "eigh")[1])
     # draws are finite and vanish in the null directions of V (u^T N u = 0 when V u = 0)
     for factor in ["eigh", "cholesky"]:
         N = sde.sample_noise(jax.random.key(0), jnp.broadcast_to(V, (64,) + V.shape), p, factor=factor)
@@ -179,7 +182,7 @@ def test_noise_covariance_monte_carlo(route):
     p = sde.SDEParams(0.8, 0.6)
     Vb = jnp.broadcast_to(V, (n, m, m))
     key = jax.random.key(2024)
-    sampler = sde.sample_noise if route == "structured" else sde.sample_noise_generic
+    sampler = sde.sample_noise if route == "structured" else sample_noise_generic
     N = jax.jit(sampler, static_argnums=2)(key, Vb, p)
     assert N.shape == (n, m, m)
     np.testing.assert_array_equal(np.asarray(N), np.asarray(jnp.swapaxes(N, -1, -2)))
@@ -187,9 +190,9 @@ def test_noise_covariance_monte_carlo(route):
     S = sde.diffusion_matrix(V, p)
     assert _mc_check(vec, S) < 5.0
     # the same data reject a 10% error in k_lin or a 50% error in the Acal coefficient (power)
-    wrong = 1.1 * p.k_lin * sde.sigma_lin(V) + p.acal_coeff * sde.acal(V)
+    wrong = 1.1 * p.k_lin * sigma_lin(V) + p.acal_coeff * acal(V)
     assert _mc_check(vec, wrong) > 5.0
-    wrong = p.k_lin * sde.sigma_lin(V) + 1.5 * p.acal_coeff * sde.acal(V)
+    wrong = p.k_lin * sigma_lin(V) + 1.5 * p.acal_coeff * acal(V)
     assert _mc_check(vec, wrong) > 5.0
     # mean zero
     mean = np.asarray(vec).mean(axis=0)
@@ -203,7 +206,7 @@ def test_sample_noise_dtype_and_batching():
     N = sde.sample_noise(jax.random.key(0), jnp.broadcast_to(V, (2, 3, 4, 4)), p)
     assert N.dtype == jnp.float32 and N.shape == (2, 3, 4, 4)
     assert not np.allclose(np.asarray(N[0, 0]), np.asarray(N[0, 1]))  # independent draws
-    Ng = sde.sample_noise_generic(jax.random.key(0), V, p)
+    Ng = sample_noise_generic(jax.random.key(0), V, p)
     assert Ng.dtype == jnp.float32 and Ng.shape == (4, 4)
     with pytest.raises(ValueError, match="factor='qr'"):
-        sde.psd_factor(V, "qr")
+        psd_factor(V, "qr")

@@ -17,6 +17,8 @@ import pytest
 from scipy import integrate, stats
 
 import sde
+from sde._theory.coefficients import sigma_lin
+from sde._theory.integrate import check_state
 from helpers import random_psd, se_mean, se_var
 
 
@@ -87,7 +89,7 @@ def test_mlp_diagonal_geometric_bm(mlp_m2):
     g, T, dt = mlp_m2["gamma"], mlp_m2["T"], mlp_m2["dt"]
     sol = mlp_m2["sol"]
     assert sol.stopped_fraction == 0.0
-    np.testing.assert_allclose(np.asarray(sol.ts), [0.0, 0.5, 1.0])
+    np.testing.assert_allclose(np.asarray(sol.t), [0.0, 0.5, 1.0])
     mean_d, var_d = discrete_gbm_log_law(4 * g**2, T, dt)
     for a in range(2):
         logV = np.log(np.asarray(sol.V[:, -1, a, a]))
@@ -99,10 +101,10 @@ def test_matrix_and_correlation_sde_agree(mlp_m2):
     """rho = V12 / sqrt(V11 V22) of the 3-dim V SDE and the 1-d rho SDE have the same law at T:
     two-sample KS p > 1e-3 and quantiles within 5 bootstrap SE."""
     sol, cor = mlp_m2["sol"], mlp_m2["cor"]
-    assert cor.rho.shape == (mlp_m2["P"], 3) and cor.stopped_fraction == 0.0
+    assert cor.V.shape == (mlp_m2["P"], 3) and cor.stopped_fraction == 0.0
     V = np.asarray(sol.V[:, -1])
     rho_v = V[:, 0, 1] / np.sqrt(V[:, 0, 0] * V[:, 1, 1])
-    rho_c = np.asarray(cor.rho[:, -1])
+    rho_c = np.asarray(cor.V[:, -1])
     assert stats.ks_2samp(rho_v, rho_c).pvalue > 1e-3
     qs = np.array([0.05, 0.25, 0.5, 0.75, 0.95])
     rng = np.random.default_rng(0)
@@ -127,8 +129,8 @@ def test_deterministic_m2_attention_blowup():
     c = gamma**2 / (4 * tau0**2)
     q0 = (V0[0, 0] + V0[1, 1] - 2 * V0[0, 1]) / 2
     t_star = 1 / (2 * c * q0**2)  # 3.125
-    sol = sde.solve_drift(V0, p, T=3.0, dt=0.01, save_every=10)
-    ts = np.asarray(sol.ts)
+    sol = sde.solve(V0, p, T=3.0, dt=0.01, save_every=10, deterministic=True)
+    ts = np.asarray(sol.t)
     exact = V0[None] / np.sqrt(1 - ts / t_star)[:, None, None]
     np.testing.assert_allclose(np.asarray(sol.V[0]), exact, rtol=1e-7)
     assert not bool(sol.stopped[0]) and math.isinf(float(sol.stop_time[0]))
@@ -140,7 +142,7 @@ def test_deterministic_m2_attention_blowup():
     assert t_star - 3 * h <= float(sol2.stop_time[0]) <= t_star + 3 * h
     Vs = np.asarray(sol2.V[0])
     assert np.all(np.isfinite(Vs)) and np.max(np.abs(Vs)) <= 1e4
-    k_stop = int(np.searchsorted(np.asarray(sol2.ts), float(sol2.stop_time[0])))
+    k_stop = int(np.searchsorted(np.asarray(sol2.t), float(sol2.stop_time[0])))
     assert np.all(Vs[k_stop:] == Vs[-1])  # frozen
 
 
@@ -174,7 +176,7 @@ def test_one_step_moments(noise, factor):
     z = np.abs(prods.mean(axis=0) - S) / se_S
     assert z.max() < 5.0
     # power: a 10% error in k_lin is rejected by the same data
-    S_wrong = S + 0.1 * p.k_lin * np.asarray(sde.sigma_lin(jnp.asarray(V0))) * dt
+    S_wrong = S + 0.1 * p.k_lin * np.asarray(sigma_lin(jnp.asarray(V0))) * dt
     assert (np.abs(prods.mean(axis=0) - S_wrong) / se_S).max() > 5.0
     # and the drift is visible: b dt is many SE away from 0 for some entry
     assert np.max(np.abs(b) / se_b) > 10
@@ -252,7 +254,7 @@ def test_stopping_freezes_paths(blowup_runs):
         assert np.all(V[i, k:] == last_good)  # frozen at the last good state
         assert np.max(np.abs(last_good)) <= 1e4
         assert np.linalg.eigvalsh(last_good)[0] >= -1e-8 * np.max(np.abs(last_good))
-        assert not bool(sde.stop_test(jnp.asarray(last_good), 1e4, 1.5e-8))
+        assert not bool(check_state(jnp.asarray(last_good), 1e4, 1.5e-8)[0])
         assert np.any(V[i, k - 1] != V[i, k - 2])  # was still moving before the stop
     for i in np.where(~stopped)[0]:
         assert np.all(np.any(V[i, 1:] != V[i, :-1], axis=(-2, -1)))
@@ -274,11 +276,11 @@ def test_check_state_flags():
     edge = np.array([[1.0, 1.0], [1.0, 1.0]]) - 1e-9 * np.array([[1.0, -1.0], [-1.0, 1.0]]) / 2
     V = jnp.asarray(np.stack([good, nan, indef, big, edge]))
     for factor in ["cholesky", "eigh"]:
-        bad, L = sde.check_state(V, 1e4, 1e-6, factor)
+        bad, L = check_state(V, 1e4, 1e-6, factor)
         np.testing.assert_array_equal(np.asarray(bad), [False, True, True, True, False])
         np.testing.assert_allclose(np.asarray(L[0] @ L[0].T), good, atol=1e-12)
     # inactive entries never matter
-    bad, _ = sde.check_state(V, 1e4, 1e-6, "cholesky", active=jnp.array([True, False, False, True, True]))
+    bad, _ = check_state(V, 1e4, 1e-6, "cholesky", active=jnp.array([True, False, False, True, True]))
     assert not bool(bad[0]) and bool(bad[3]) and not bool(bad[4])
 
 
@@ -303,7 +305,7 @@ def test_save_every_and_chunks_do_not_change_paths(blowup_runs):
     np.testing.assert_array_equal(np.asarray(sparse.V), np.asarray(full.V)[:, ::5])
     np.testing.assert_array_equal(np.asarray(sparse.stopped), np.asarray(full.stopped))
     np.testing.assert_array_equal(np.asarray(sparse.stop_time), np.asarray(full.stop_time))
-    np.testing.assert_allclose(np.asarray(sparse.ts), np.asarray(full.ts)[::5], rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(sparse.t), np.asarray(full.t)[::5], rtol=1e-12)
 
 
 def test_brownian_dt_equal_to_dt_is_the_default_path():
@@ -345,14 +347,14 @@ def test_float32():
     V0 = (0.8 * np.eye(m) + 0.2).astype(np.float32)
     p = sde.SDEParams(0.5, 1.0)
     sol = sde.solve(V0, p, T=0.2, dt=0.01, num_paths=16, key=jax.random.key(10), save_every=5)
-    assert sol.V.dtype == jnp.float32 and sol.ts.dtype == jnp.float32
+    assert sol.V.dtype == jnp.float32 and sol.t.dtype == jnp.float32
     assert sol.stop_time.dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(sol.V))) and sol.stopped_fraction == 0.0
-    np.testing.assert_allclose(np.asarray(sol.ts)[-1], 0.2, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(sol.t)[-1], 0.2, rtol=1e-6)
     cor = sde.solve_correlation(
         np.float32(0.2), sde.SDEParams(0.5, block="mlp"), T=0.2, dt=0.01, num_paths=16, key=jax.random.key(1)
     )
-    assert cor.rho.dtype == jnp.float32 and np.all(np.abs(np.asarray(cor.rho)) <= 1)
+    assert cor.V.dtype == jnp.float32 and np.all(np.abs(np.asarray(cor.V)) <= 1)
 
 
 V_OK = np.eye(2)
@@ -409,19 +411,19 @@ def test_solve_correlation_validation():
 _SHARD_CHILD = """
 import jax, numpy as np
 jax.config.update("jax_enable_x64", True)
-import sys, sde
-S = sys.modules["sde.solve"]
+import sde
+from sde._helpers import devices
 assert len(jax.local_devices()) == 2
 out = []
 for shard in (False, True):
-    S.SHARD_ON_CPU = shard
-    assert (S.path_mesh() is not None) == shard
+    devices.SHARD_ON_CPU = shard
+    assert (devices.sample_mesh() is not None) == shard
     p = sde.SDEParams(0.6, 0.8)
     r = sde.solve(0.8 * np.eye(3) + 0.2, p, T=0.1, dt=0.01, num_paths=7, key=jax.random.key(3),
                   save_every=5, chunk_size=3)
     c = sde.solve_correlation(0.3, sde.SDEParams(0.6, block="mlp"), T=0.1, dt=0.01, num_paths=5,
                               key=jax.random.key(4))
-    out.append((np.asarray(r.V), np.asarray(r.stop_time), np.asarray(c.rho)))
+    out.append((np.asarray(r.V), np.asarray(r.stop_time), np.asarray(c.V)))
 for a, b in zip(*out):
     np.testing.assert_array_equal(a, b)
 print("SHARDED_OK")
