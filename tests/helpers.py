@@ -3,8 +3,8 @@
 
 - :func:`random_psd`: random symmetric PSD matrices, full rank or of a given rank;
 - :data:`F64`, :func:`normal64`: float64 parameters and float64 Gaussian draws;
-- :func:`se_mean`, :func:`se_var`, :func:`z_mean`, :func:`z_var`: Monte Carlo standard errors
-  and z-scores (one-sample against a target, two-sample between two ensembles).
+- :func:`se_mean`, :func:`se_var`: Monte Carlo standard errors of a sample mean and variance
+  (two-sample z-scores between ensembles are the library's ``sde.compare_moments``).
 
 Float64 itself is switched on for every test in ``tests/conftest.py``.
 """
@@ -56,15 +56,3 @@ def se_var(x) -> float:
     x = np.asarray(x, dtype=np.float64)
     c2 = (x - x.mean()) ** 2
     return math.sqrt(max(float((c2 * c2).mean() - c2.mean() ** 2), 0.0) / x.size)
-
-
-def z_mean(a, b) -> float:
-    """Two-sample z-score of ``mean(a) - mean(b)`` (independent samples, 1-d)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float((a.mean() - b.mean()) / math.hypot(se_mean(a), se_mean(b)))
-
-
-def z_var(a, b) -> float:
-    """Two-sample z-score of ``var(a) - var(b)`` with the standard errors of :func:`se_var`."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float((a.var() - b.var()) / math.hypot(se_var(a), se_var(b)))

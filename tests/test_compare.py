@@ -78,3 +78,18 @@ def test_stopped_fraction_and_power_law():
     x = np.array([32, 64, 128, 256])
     p, c = compare.fit_power_law(x, 3.0 * x**-0.5)
     assert abs(p + 0.5) < 1e-12 and abs(c - 3.0) < 1e-10
+
+
+def test_compare_moments_standard_errors_are_calibrated():
+    """For Gaussian samples SE(mean) = sigma / sqrt(n) and SE(var) = sigma^2 sqrt(2 / n)
+    (closed forms), and z-scores of two samples of one law are standard normal."""
+    rng = np.random.default_rng(0)
+    a, b = 2.0 * rng.standard_normal(200_000), 2.0 * rng.standard_normal(100_000) + 0.05
+    m = sde.compare_moments(a, b)
+    assert m["mean"].se == pytest.approx(2.0 * np.sqrt(1 / 200_000 + 1 / 100_000), rel=0.01)
+    assert m["var"].se == pytest.approx(4.0 * np.sqrt(2 / 200_000 + 2 / 100_000), rel=0.02)
+    assert m["mean"].z == pytest.approx(-0.05 / m["mean"].se, abs=5)  # the shift is seen
+    assert abs(m["mean"].z) > 5 and abs(m["var"].z) < 5
+    z = np.array([[v.z for v in sde.compare_moments(rng.standard_normal(500), rng.standard_normal(500)).values()]
+                  for _ in range(400)])
+    assert abs(z.mean(0)).max() < 5 / np.sqrt(400) and np.all(abs(z.std(0) - 1) < 0.15)

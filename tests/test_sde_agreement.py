@@ -12,7 +12,8 @@ controls), for each of the two statistics:
 - mean: z = (mean_finite - mean_sde) / sqrt(se_finite^2 + se_sde^2), the standard errors of
   both Monte Carlo sides; |z| < 5;
 - variance: z = (var_finite - var_sde) / sqrt(se_finite^2 + se_sde^2) with the standard error
-  of a sample variance sqrt((m4 - s^4) / N); |z| < 5;
+  of a sample variance sqrt((m4 - s^4) / N); |z| < 5 (both from ``sde.compare_moments``,
+  docs/experiments.md §3);
 - shape: the two-sample Kolmogorov-Smirnov p-value (``scipy.stats.ks_2samp``) > 1e-4.
 
 Sizes and numerics: S = 4096 networks and P = 4096 SDE paths (1024 unshaped networks in
@@ -52,7 +53,6 @@ import numpy as np
 from scipy import stats
 
 import sde
-from helpers import z_mean, z_var
 from shaped_attn.config import shaped_config, unshaped_config
 
 M, RHO0, GAMMA, TAU0 = 3, 0.2, 1 / math.sqrt(8), 1.0
@@ -82,14 +82,11 @@ def criterion(finite_V, sde_V) -> tuple[bool, dict[str, dict[str, float]]]:
     Returns ``(accepted, table)`` with ``table[statistic] = {"z_mean", "z_var", "ks_p"}``.
     """
     a, b = statistics(finite_V), statistics(sde_V)
-    table = {
-        name: {
-            "z_mean": z_mean(a[name], b[name]),
-            "z_var": z_var(a[name], b[name]),
-            "ks_p": float(stats.ks_2samp(a[name], b[name]).pvalue),
-        }
-        for name in a
-    }
+    table = {}
+    for name in a:
+        moments = sde.compare_moments(a[name], b[name])
+        table[name] = {"z_mean": moments["mean"].z, "z_var": moments["var"].z,
+                       "ks_p": float(stats.ks_2samp(a[name], b[name]).pvalue)}
     accepted = all(
         abs(row["z_mean"]) < Z_MAX and abs(row["z_var"]) < Z_MAX and row["ks_p"] > KS_P_MIN
         for row in table.values()
