@@ -64,7 +64,7 @@ class AttentionConfig:
         out_proj: True: values ``n -> H * (n / H)``, concatenate heads, output projection
             ``n -> n`` (standard layout). False: each head has its own ``n -> n`` value map
             and head outputs are summed with weight ``1/sqrt(H)``, no output projection
-            (with ``H = 1`` exactly the spec's single-head block).
+            (with ``H = 1`` exactly the single-head block of docs/model.md §1).
         causal: apply a causal mask (row i sees keys ``j <= i``; centring uses ``1/i``).
         query_init: ``"default"`` (the block's init scheme) or ``"zero"`` (``W_Q = 0``, so
             ``Y = 0`` and, with shaping, ``A = I`` exactly).
@@ -377,7 +377,7 @@ def shaped_config(
     ablation: Optional[str] = None,
     **block_kwargs: Any,
 ) -> BlockConfig:
-    """The shaped Transformer layer of Noci et al. (spec/sde.md section 1).
+    """The shaped Transformer layer of Noci et al. (docs/model.md §1).
 
     ``A = I + softmax(Y / tau) - C`` with ``tau = tau0 sqrt(n n_k)``, shaped ReLU, residual
     ``lam = sqrt(1 - gamma^2)``, no LayerNorm, theory init, single head without an output

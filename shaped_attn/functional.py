@@ -1,6 +1,6 @@
 """The forward equations of attention, MLP and residual blocks, as pure functions.
 
-This file is the single source of truth for the block formulas (spec/sde.md section 1):
+This file is the single source of truth for the block formulas (docs/model.md §1):
 the temperature, the shaped ReLU, the residual gains, the LayerNorm and the order in which
 they are combined. The NNX modules (:mod:`shaped_attn.attention`, :mod:`shaped_attn.blocks`)
 only hold parameters and call these functions.
@@ -12,7 +12,7 @@ only hold parameters and call these functions.
 acting on the last axis and treating the others as batch (an ``nnx.Linear`` is one). A map
 is called at most once per application of :func:`attention_apply`, :func:`mlp_apply` or
 :func:`block_apply`, always on the full token matrix, so a map that *samples* ``X W`` for a
-fresh Gaussian ``W`` (the Gram sampler of spec section 4) can replace a weight matrix. The
+fresh Gaussian ``W`` (the Gram sampler of docs/samplers.md §1) can replace a weight matrix. The
 ``(n_in, n_out)`` each map must have is listed in :class:`BlockMaps`.
 """
 
@@ -377,7 +377,7 @@ def block_apply(
     return_attention: bool | str = False,
     cache: Optional[KVCache] = None,
 ):
-    """One layer (spec/sde.md section 1 and its baselines) on ``x: [..., m, n]``.
+    """One layer (docs/model.md §1 and its baselines, §2) on ``x: [..., m, n]``.
 
     shaped / unshaped: ``Z = lam X + gamma Att(X)``, ``X' = lam Z + gamma MLP(Z)``;
     pre_ln: ``Z = X + gamma Att(LN(X))``, ``X' = Z + gamma MLP(LN(Z))``;

@@ -1,8 +1,8 @@
-"""Blocks against a literal NumPy evaluation of spec/sde.md section 1 and of the baselines.
+"""Blocks against a literal NumPy evaluation of docs/model.md §1 and of the baselines.
 
 Every reference below is written independently of shaped_attn.functional: weights are read
-out of the modules, converted to the spec's N(0, 1) convention where the spec uses it, and
-the formulas are evaluated in float64 NumPy exactly as the spec writes them.
+out of the modules, converted to the N(0, 1) convention of docs/model.md §1 where it is used, and
+the formulas are evaluated in float64 NumPy exactly as written there.
 """
 
 import math
@@ -18,7 +18,7 @@ from helpers import normal64
 from shaped_attn import functional
 
 N, M, B = 16, 6, 2  # width, tokens, batch
-TOL = 1e-6  # brief: module vs literal spec to 1e-6 (float64 gives ~1e-14)
+TOL = 1e-6  # module vs the literal equations to 1e-6 (float64 gives ~1e-14)
 
 
 def inputs(seed=0, m=M, n=N, batch=B):
@@ -46,7 +46,7 @@ def perturb_affine(block, seed=7):
     return changed
 
 
-# ------------------------------------------------------------------ literal spec (N(0,1) W)
+# ------------------------------------------------------------------ literal equations (N(0,1) W)
 
 
 def np_softmax_rows(s, valid):
@@ -62,7 +62,7 @@ def np_centring(m, causal):
 
 
 def spec_weights(block):
-    """W_Q, W_K, W_V, W_pre, W_post in the spec's iid N(0, 1) convention."""
+    """W_Q, W_K, W_V, W_pre, W_post in the iid N(0, 1) convention of docs/model.md §1."""
     n = block.cfg.width
     w = {}
     if block.attention is not None:
@@ -101,7 +101,7 @@ def spec_mlp(Z, w, *, n, hidden, lam, gamma, c_plus, c_minus, shaped):
 
 
 def spec_layer(cfg, block, X):
-    """The literal spec layer for shaped / unshaped kinds (single head, out_proj=False)."""
+    """The literal layer of docs/model.md §1 for shaped / unshaped kinds (single head, out_proj=False)."""
     att = cfg.attention
     assert att.num_heads == 1 and not att.out_proj
     n, gamma = cfg.width, cfg.gamma
@@ -342,7 +342,7 @@ def test_multi_head_unbatched_input():
 
 
 def test_single_head_without_out_proj_is_the_spec_block():
-    """AttentionConfig built by hand (H=1, out_proj=False) inside a Block = spec section 1."""
+    """AttentionConfig built by hand (H=1, out_proj=False) inside a Block = docs/model.md §1."""
     att = sa.AttentionConfig(N, num_heads=1, out_proj=False, temperature="shaped",
                              identity_gain=1.0, centre_gain=1.0)
     cfg = sa.BlockConfig(att, kind="shaped", gamma=0.4, shaped_relu=True, c_plus=0.3,

@@ -95,7 +95,7 @@ def test_sampler_agreement_test_has_power():
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_zero_query_attention_keeps_the_mean_exactly(sampler):
     # W_Q = 0 gives A = I, so Z = lam X + gamma X W_V / sqrt(n) and E[V_1 | V_0] = V_0 at any n
-    # (spec section 5). Monte Carlo mean of V_1 within 5 standard errors of V_0, every entry.
+    # (docs/sde.md §9). Monte Carlo mean of V_1 within 5 standard errors of V_0, every entry.
     cfg = functools.partial(mc.shaped_config, gamma=0.7, sublayers="attention", query_init="zero")
     r = simulate_finite(V0, cfg, width=16, depth=1, num_samples=4000, key=KEY, sampler=sampler)
     V1 = r.V[:, 1]

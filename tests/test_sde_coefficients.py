@@ -1,8 +1,8 @@
 """Drift and diffusion of the covariance SDE against an independent index-form transcription.
 
 The reference below is written from the definitions with explicit loops over indices
-(spec/sde.md section 2; Noci et al. arXiv 2306.17759, Thm 3.2 / App. C.2; Li et al.
-arXiv 2206.02768) and never calls the package's matrix form. Closed forms are spec section 5.
+(docs/sde.md §2-5; Noci et al. arXiv 2306.17759, Thm 3.2 / App. C.2; Li et al.
+arXiv 2206.02768) and never calls the package's matrix form. Closed forms are docs/sde.md §9.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def test_homogeneity_and_temperature_scaling():
     np.testing.assert_allclose(drift_attention(s * V, p), s**3 * drift_attention(V, p), rtol=1e-12)
     # Sigma_lin is homogeneous of degree 2, Acal of degree 4 (G = V P V P V / m^2 is cubic), so
     # Sigma = k_lin Sigma_lin + acal_coeff Acal is homogeneous of degree 2 only without
-    # attention (spec section 5 says "Sigma of degree 2": true for Sigma_lin only).
+    # attention (degree 2 holds for Sigma_lin only; docs/sde.md §9).
     np.testing.assert_allclose(sigma_lin(s * V), s**2 * sigma_lin(V), rtol=1e-12)
     np.testing.assert_allclose(acal(s * V), s**4 * acal(V), rtol=1e-12)
     np.testing.assert_allclose(
@@ -261,7 +261,7 @@ def test_heads_divide_acal_only():
 
 @pytest.mark.parametrize("gamma", [0.3, 1.0])
 def test_correlation_sde_is_ito_image_of_matrix_sde(gamma):
-    """The 1-d correlation SDE (spec section 5) equals Ito's formula applied to
+    """The 1-d correlation SDE (docs/sde.md §8) equals Ito's formula applied to
     rho = V12 / sqrt(V11 V22) under the m = 2 MLP matrix SDE, computed here with jax
     derivatives of rho and the package's drift / diffusion_matrix (an exact check)."""
     p = sde.SDEParams(gamma, block="mlp", c_plus=0.2, c_minus=-0.9)
@@ -282,7 +282,7 @@ def test_correlation_sde_is_ito_image_of_matrix_sde(gamma):
         rho = rho_of_vec(v)
         np.testing.assert_allclose(float(correlation_drift(rho, p)), float(ito_drift), rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(float(correlation_diffusion(rho, p)) ** 2, float(ito_var), rtol=1e-12)
-        # spec's explicit residual form
+        # the explicit residual form of docs/sde.md §8
         nu = float(relu_nu(rho, 0.2, -0.9))
         r = float(rho)
         assert float(correlation_drift(rho, p)) == pytest.approx(gamma**2 * (nu - r * (1 - r * r)), rel=1e-12)

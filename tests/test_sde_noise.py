@@ -1,4 +1,4 @@
-"""Structured and generic noise against diffusion_matrix (spec/sde.md section 3).
+"""Structured and generic noise against diffusion_matrix (docs/noise.md §1-2).
 
 Exact checks use linearity: N is linear in the Gaussian input, so its covariance is J J^T with
 J the Jacobian (jax.jacfwd). Monte Carlo checks compare every entry of the empirical covariance
