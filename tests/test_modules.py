@@ -139,7 +139,7 @@ def test_block_config_validation(param, kwargs):
 
 
 def test_config_validation_messages_are_one_line_and_name_the_value():
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match="gamma=2.0") as err:
         sa.shaped_config(8, gamma=2.0)
     assert str(err.value) == "gamma=2.0 is outside (0, 1]"
     with pytest.raises(ValueError, match="ablation"):

@@ -82,9 +82,9 @@ def test_ensemble_matches_separate_runs(digits, runs):
 
 
 def test_train_config_validation_and_schedule():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="warmup_steps=10 must be < steps=10"):
         training.TrainConfig(steps=10, warmup_steps=10)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="learning_rate=-1.0"):
         training.TrainConfig(learning_rate=-1.0)
     sched = training.make_schedule(training.TrainConfig(steps=100, warmup_steps=10, learning_rate=1.0))
     assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6
@@ -213,7 +213,7 @@ def test_levit_forward_and_bias(digits):
     # the relative position bias enters the scores: a non-zero bias changes the output
     model.relative_bias[...] = model.relative_bias[...] + jnp.arange(16, dtype=jnp.float32)[None, None, :]
     assert not np.allclose(run(x)[0], logits)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="image_size / grid = 8/3"):
         levit.levit_config(image_size=8, grid=3)
 
 
