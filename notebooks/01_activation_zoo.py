@@ -121,6 +121,80 @@ for ax, name in zip(axes, ("softmax", "polynomial3", "shaped_softmax")):
 plt.show()
 
 # %% [markdown]
+# ## Row sums from tiny to large scores
+# Row-normalised maps divide by `sum_j f(s_j)`. For the non-negative maps the division is exact,
+# so rows sum to 1 at every score scale (`docs/activations.md`, "Guards"); the signed maps
+# (`sinmax`, `cosmax`) keep the sign of the sum and floor it relative to the row's own scale:
+# where `sum f` nearly cancels, rounding shows in their row sums and their weights grow (at
+# most to 1e4), at every scale alike.
+
+# %%
+scales = np.logspace(-6, 2, 17)
+row_names = ("sin2max", "sin2max_shifted", "sirenmax", "sin10max", "softmax", "sinmax", "cosmax")
+base = jax.random.normal(jax.random.PRNGKey(4), (256, N))
+fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+for i, name in enumerate(row_names):
+    sums = np.array([np.asarray(activations.get(name)(base * c)).sum(-1) for c in scales])
+    err = np.abs(sums - 1).max(axis=1)
+    axes[0].loglog(scales, np.maximum(err, 1e-9), "o-", ms=3, color=f"C{i}", label=name)
+    big = [float(np.abs(np.asarray(activations.get(name)(base * c))).max()) for c in scales]
+    axes[1].loglog(scales, big, "o-", ms=3, color=f"C{i}", label=name)
+axes[0].axhline(1e-5, color="k", ls=":", lw=0.8)
+axes[0].set(xlabel="score scale", ylabel="max |row sum - 1| (floored at 1e-9)")
+axes[1].set(xlabel="score scale", ylabel="largest |weight|")
+axes[1].legend(fontsize=7)
+plt.show()
+
+# %% [markdown]
+# ## The authors' two code versions
+# Wang et al.'s module file standardises the scores after the `1/sqrt(d)` scaling (our
+# `norm_` default); their training script standardises `q.k` before it, which leaves scores of
+# std `1/sqrt(d)`, and its `sinmax` is `1 + sin(10 s)` (our `sin10max`). The layer option
+# `prenorm_order="before_scaling"` reproduces the script (`docs/activations.md`).
+
+# %%
+from shaped_attn import functional
+from shaped_attn.config import AttentionConfig
+
+d = 64
+qk = jax.random.normal(jax.random.PRNGKey(5), (N, N)) * 2.0 * math.sqrt(d)
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.2), sharey=True)
+for ax, name in zip(axes, ("norm_softmax", "norm_sin10max", "norm_cosmax")):
+    for order, style in (("after_scaling", "o-"), ("before_scaling", "s--")):
+        att = AttentionConfig(width=d, activation=name, prenorm_order=order)
+        w = np.asarray(functional.attention_weights(att, qk))[0]
+        ax.plot(np.sort(w)[::-1], style, ms=3, label=order)
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel("key (sorted by weight)")
+axes[0].set_ylabel("weight, row 0")
+axes[0].legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# ## In a Flax layer
+# `shaped_attn.attention_fn(name)` is an `attention_fn` for `nnx.MultiHeadAttention` (and
+# `flax.linen.MultiHeadDotProductAttention`). With `"softmax"` it reproduces Flax's own layer.
+
+# %%
+import shaped_attn
+from flax import nnx
+
+x = jax.random.normal(jax.random.PRNGKey(6), (2, N, 32))
+make = lambda fn: nnx.MultiHeadAttention(num_heads=4, in_features=32, decode=False, rngs=nnx.Rngs(0),
+                                         attention_fn=fn)
+flax_out = make(nnx.dot_product_attention)(x, is_causal=True)
+ours = make(shaped_attn.attention_fn("softmax"))(x, is_causal=True)
+print("max |ours - Flax| with softmax:", float(jnp.abs(ours - flax_out).max()))
+layer = make(shaped_attn.attention_fn("sin2max_shifted"))
+out = layer(x, is_causal=True, sow_weights=True)
+w = nnx.pop(layer, nnx.Intermediate)["attention_weights"].get_value()[0]
+fig, ax = plt.subplots(figsize=(4, 3.5))
+im = ax.imshow(np.asarray(w[0, 0]), cmap="viridis")
+ax.set_title("sin2max_shifted in nnx.MultiHeadAttention\n(head 0, causal)", fontsize=9)
+fig.colorbar(im, ax=ax, shrink=0.8)
+plt.show()
+
+# %% [markdown]
 # ## Jacobian norm and saturation vs score spread
 # `diagnostics.jacobian_sweep` draws rows of normal scores with growing std and reports the
 # median Frobenius norm of each row's Jacobian `dw/ds` and the *saturation* fraction (rows

@@ -47,7 +47,8 @@ print("device count:", jax.device_count(), "(the library shards over all of them
 
 QUICK = os.environ.get("SHAPED_ATTN_QUICK") == "1"
 SIZES = dict(
-    activations=("softmax", "polynomial3") if QUICK else ("softmax", "norm_sinmax", "polynomial3", "shaped_softmax"),
+    activations=("softmax", "polynomial3") if QUICK else ("softmax", "norm_sinmax", "norm_sin10max+before_scaling",
+                                                         "polynomial3", "shaped_softmax"),
     depth=2 if QUICK else 4,
     width=16 if QUICK else 64,
     heads=2 if QUICK else 4,
@@ -79,16 +80,26 @@ eval_batches = data.eval_batches(ds.x_test, ds.y_test, 512)
 # %% [markdown]
 # ## Training with several activations
 # Same model, optimiser (AdamW, warmup + cosine) and batches; only the attention activation
-# changes. `levit.classifier_loss` also logs per-layer attention diagnostics.
+# changes. `levit.classifier_loss` also logs per-layer attention diagnostics. A label
+# `NAME+before_scaling` moves the pre-normalisation of a `norm_` activation before the
+# `1/sqrt(d)` scaling, as in the periodic paper's training script: `norm_sin10max+before_scaling`
+# is that script's `norm_sinmax`, while our `norm_sinmax` follows the authors' module file
+# (`docs/activations.md`).
 
 # %%
+import dataclasses
+
 tcfg = training.TrainConfig(steps=SIZES["steps"], learning_rate=4e-3, warmup_steps=max(1, SIZES["steps"] // 10),
                             weight_decay=0.05, grad_clip_norm=1.0, log_every=SIZES["log_every"])
 results = {}
 for act in SIZES["activations"]:
-    cfg = levit.levit_config(act, grid=4, depth=SIZES["depth"], width=SIZES["width"],
+    name, _, order = act.partition("+")
+    cfg = levit.levit_config(name, grid=4, depth=SIZES["depth"], width=SIZES["width"],
                              num_heads=SIZES["heads"], mlp_ratio=2, num_classes=ds.num_classes,
                              image_size=ds.image_size, channels=ds.channels)
+    if order:
+        attention = dataclasses.replace(cfg.block.attention, prenorm_order=order)
+        cfg = dataclasses.replace(cfg, block=dataclasses.replace(cfg.block, attention=attention))
     model = levit.build(cfg, seed=0)
     stream = data.batches(ds.x_train, ds.y_train, SIZES["batch_size"], seed=0)
     res = training.train(model, levit.classifier_loss, stream, tcfg,

@@ -3,7 +3,9 @@ causal language model (Flax NNX).
 
 ``Stack`` creates its ``depth`` blocks with ``nnx.vmap`` over split keys, so every parameter
 carries a leading layer axis, and applies them with ``jax.lax.scan`` over the split
-graphdef/state: compile time does not grow with depth.
+graphdef/state: compile time does not grow with depth. With a KV cache (``Stack.init_cache``,
+``CausalLM.init_cache``) the same scan decodes new tokens against the cached keys and values of
+every layer: ``CausalLM.decode`` and ``CausalLM.generate``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""Execute every notebook in quick mode and check each .ipynb matches its jupytext .py source.
+"""Execute every notebook in quick mode, check each .ipynb matches its jupytext .py source and
+is stored executed, with its figures.
 
 The py:percent files in ``notebooks/`` are the source of truth; the paired ``.ipynb`` files
-are generated with ``jupytext --to ipynb notebooks/NAME.py``. Each notebook is converted in
+are generated, executed at full size with every output and figure, by
+``.venv/bin/python scripts/execute_notebooks.py [NAME ...]``. Each notebook is converted in
 memory and run with nbclient on the ``python3`` kernel of the interpreter running the tests,
 with ``SHAPED_ATTN_QUICK=1`` (tiny sizes, CI budget).
 """
@@ -59,10 +61,34 @@ def test_notebooks_found():
 def test_ipynb_matches_py(name):
     py = jupytext.read(NOTEBOOK_DIR / f"{name}.py")
     ipynb_path = NOTEBOOK_DIR / f"{name}.ipynb"
-    assert ipynb_path.exists(), f"missing {ipynb_path.name}: run jupytext --to ipynb notebooks/{name}.py"
+    assert ipynb_path.exists(), f"missing {ipynb_path.name}: run {REGENERATE} {name}"
     ipynb = nbformat.read(ipynb_path, as_version=4)
     assert _code_cells(ipynb) == _code_cells(py), (
-        f"{name}.ipynb is out of date: regenerate it with jupytext --to ipynb notebooks/{name}.py")
+        f"{name}.ipynb is out of date: regenerate it with {REGENERATE} {name}")
+
+
+REGENERATE = ".venv/bin/python scripts/execute_notebooks.py"
+
+
+def _images(cell) -> int:
+    return sum(any(k.startswith("image/") for k in out.get("data", {})) for out in cell.get("outputs", []))
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_stored_notebook_is_executed_and_shows_its_figures(name):
+    """Every code cell ran (in order, without an error) and every cell that shows a figure
+    (``plt.show()``) has an image output, so the figures render on GitHub and Colab."""
+    nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    hint = f"store it executed with {REGENERATE} {name}"
+    counts = [c.get("execution_count") for c in code]
+    assert counts == list(range(1, len(code) + 1)), f"{name}.ipynb is not executed in order: {hint}"
+    errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"{name}.ipynb stores an error output: {hint}"
+    shows = [c for c in code if "plt.show()" in c.source]
+    assert shows, f"{name} shows no figure at all"
+    missing = [c.source.splitlines()[0] for c in shows if not _images(c)]
+    assert not missing, f"{name}.ipynb: cells without their figure output {missing}: {hint}"
 
 
 def _repository_url() -> str:
