@@ -18,9 +18,11 @@ Transformer without LayerNorm), ``shaped_learn`` (the same with g1, g2, s_minus 
 Writes OUT/config.json, OUT/results.json (one entry per run: model, depth, lr, seed,
 final_train_loss, final_val_loss, diverged, diverged_at_step, min_attention_entropy, curves,
 gradient norms per layer at initialisation), OUT/table.md, OUT/timings.json and figures (PNG and
-PDF): val_loss_vs_lr, attention_entropy, init_grad_norms. Every flag is checked before any work
-(a bad one: one line, exit code 2). Each finished run is kept as
-OUT/chunks/run-{model}-d{depth}-lr{lr}-s{seed}.json: rerunning the same command after an
+PDF): val_loss_vs_lr, attention_entropy, init_grad_norms. After each run that did not
+diverge, a short sample is printed and stored (``sample``): the first validation bytes
+continued by sampled bytes (temperature 0.8, KV-cached decoding with the end-of-training
+knobs). Every flag is checked before any work (a bad one: one line, exit code 2). Each
+finished run is kept as OUT/chunks/run-{model}-d{depth}-lr{lr}-s{seed}.json: rerunning the same command after an
 interruption trains only the missing runs and writes the same results.json. An OUT holding
 another config is refused unless --overwrite. A run whose logged loss is not finite or exceeds
 --max-loss is stopped there and reported as diverged.
@@ -38,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (also puts the repository root on sys.path)
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -198,6 +201,8 @@ def train_run(cfg: StabilityConfig, ds: text_data.TextDataset, model: str, depth
         grads = lm.init_gradient_norms(net, first)
     res = training.train(net, lm.loss, train_stream, train_config(cfg, lr, seed),
                          eval_fn=lm.evaluate, eval_batches=evals)
+    sample = None if res.diverged else lm.sample_text(
+        net, sample_prompt(cfg, ds), sample_steps(cfg), jax.random.key(seed), step=cfg.steps)
     h = res.history
     entropy = np.asarray([r["train/attn_entropy"] for r in h], dtype=np.float64)  # [logs, depth]
     knobs = sorted({k[len("train/knob/"):] for r in h for k in r if k.startswith("train/knob/")})
@@ -217,7 +222,22 @@ def train_run(cfg: StabilityConfig, ds: text_data.TextDataset, model: str, depth
             **{f"knob_{k}": [r.get(f"train/knob/{k}") for r in h] for k in knobs},
         },
         "init_grad_norms": grads,
+        "sample": sample,
     }
+
+
+SAMPLE_PROMPT_BYTES = 16
+SAMPLE_BYTES = 48
+
+
+def sample_prompt(cfg: StabilityConfig, ds: text_data.TextDataset) -> bytes:
+    """The first bytes of the validation text (at most half a training window)."""
+    return ds.validation[: min(SAMPLE_PROMPT_BYTES, max(cfg.seq_len // 2, 1))].tobytes()
+
+
+def sample_steps(cfg: StabilityConfig) -> int:
+    """Bytes sampled after the prompt: up to :data:`SAMPLE_BYTES`, within the model's max_len."""
+    return min(SAMPLE_BYTES, cfg.seq_len - min(SAMPLE_PROMPT_BYTES, max(cfg.seq_len // 2, 1)))
 
 
 # ------------------------------------------------------------------------ table, figures
@@ -322,6 +342,8 @@ def execute(args, cfg: StabilityConfig, ds: text_data.TextDataset, run) -> int:
         status = f"DIVERGED at step {rec['diverged_at_step']}" if rec["diverged"] else f"val {_fmt(rec['final_val_loss'])}"
         tqdm.write(f"{job['model']:15s} depth {job['depth']:3d} lr {job['lr']:<8g} seed {job['seed']}: train "
                    f"{_fmt(rec['first_train_loss'])} -> {_fmt(rec['final_train_loss'])}, {status} ({wall:.1f} s)")
+        if rec["sample"] is not None:
+            tqdm.write(f"    sample: {rec['sample']!r}")
         bar.update(1)
     bar.close()
     records, seconds, non_finite = _common.load_units(run, units)

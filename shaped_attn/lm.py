@@ -74,3 +74,27 @@ def init_gradient_norms(model: CausalLM, batch: dict, names=("query", "value")) 
     """Per-layer gradient norms of :func:`loss` on ``batch`` at the current parameters
     (:func:`shaped_attn.diagnostics.init_gradient_norms`): ``{name: [depth]}``."""
     return diagnostics.init_gradient_norms(model, lambda m: loss(m, batch, None)[0], names)
+
+
+SAMPLE_TEMPERATURE = 0.8
+"""Sampling temperature of :func:`sample_text`."""
+
+
+def sample_text(
+    model: CausalLM,
+    prompt: bytes,
+    steps: int,
+    key: Array,
+    *,
+    temperature: float = SAMPLE_TEMPERATURE,
+    step: Optional[int] = None,
+) -> str:
+    """``prompt`` continued by ``steps`` sampled bytes (:meth:`CausalLM.generate`, KV-cached),
+    decoded as UTF-8 with invalid bytes replaced. ``step``: the training step whose scheduled
+    knob values the model uses (e.g. the last one; ignored when nothing is scheduled)."""
+    if not isinstance(prompt, (bytes, bytearray)) or not prompt:
+        raise ValueError(f"prompt={prompt!r} must be non-empty bytes")
+    tokens = jnp.asarray(np.frombuffer(bytes(prompt), np.uint8).astype(np.int32))[None]
+    knobs = schedule(model, jnp.asarray(0 if step is None else step))
+    out = model.generate(tokens, steps, key, temperature, schedule=knobs)
+    return bytes(np.asarray(out[0], np.uint8)).decode("utf-8", errors="replace")

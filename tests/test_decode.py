@@ -142,3 +142,18 @@ def test_cache_arguments_are_checked():
     mlp_only = sa.Stack(sa.shaped_config(N, 0.5, sublayers="mlp"), 1, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="sublayers='mlp' has no attention to cache"):
         mlp_only.init_cache((B,), 4)
+
+
+def test_sample_text_continues_the_prompt():
+    from shaped_attn import lm as lm_mod
+
+    block = sa.shaped_config(N, 0.5, num_heads=2, out_proj=True, init="paper",
+                             schedule=sa.recover_schedule(10), param_dtype="float64")
+    cfg = sa.CausalLMConfig(sa.StackConfig(block, 1), vocab_size=256, max_len=MAXLEN, final_norm=False)
+    model = sa.CausalLM(cfg, rngs=nnx.Rngs(0))
+    text = lm_mod.sample_text(model, b"def f", 6, jax.random.key(0), step=10)
+    again = lm_mod.sample_text(model, b"def f", 6, jax.random.key(0), step=10)
+    assert text.startswith("def f") and text == again
+    assert len(text.encode("utf-8", errors="surrogateescape")) >= 11
+    with pytest.raises(ValueError, match="prompt=b'' must be non-empty bytes"):
+        lm_mod.sample_text(model, b"", 6, jax.random.key(0))

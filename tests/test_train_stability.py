@@ -122,6 +122,9 @@ def test_end_to_end_outputs_and_resume(tmp_path):
         assert r["diverged"] is False and r["final_train_loss"] < r["first_train_loss"]
         assert len(r["init_grad_norms"]["query"]) == 2  # one norm per layer
         assert np.asarray(r["curve"]["attn_entropy"]).shape == (3, 2)  # 12 / 4 logs x 2 layers
+        # a sample from the trained model: 8 validation bytes continued by 8 sampled ones
+        assert isinstance(r["sample"], str) and len(r["sample"].encode()) >= 16
+        assert f"    sample: {r['sample']!r}" in first.stdout
     for stem in FIGURES:
         assert (out / f"{stem}.png").stat().st_size > 1000 and (out / f"{stem}.pdf").exists()
     chunks = sorted((out / "chunks").glob("run-*.json"))
