@@ -83,7 +83,7 @@ class SDEParams:
         ``"concat"`` (concatenate + output projection, ``out_proj=True``); sets ``k_lin``.
       mlp_activation: ``"relu"`` (the shaped ReLU with ``c_plus``, ``c_minus``) or a smooth
         activation ``phi`` with ``phi(0) = 0``, ``phi'(0) = 1``: a name in
-        :data:`sde.smooth_mlp.SMOOTH_ACTIVATIONS` or a callable (Li, Nica, Roy 2022;
+        :data:`SMOOTH_ACTIVATIONS` (docs/sde.md §7) or a callable (Li, Nica, Roy 2022;
         ``phi_s(x) = s phi(x / s)``, ``s = mlp_scale sqrt(n)``). Same diffusion as the ReLU.
       mlp_scale: ``a`` of the smooth activation's ``s = a sqrt(n)``, > 0.
 
