@@ -323,7 +323,8 @@ def attention_apply(
         q = query(x).reshape(*batch_m, heads, -1)
         k = key(x).reshape(*batch_m, heads, -1)
     elif cache is not None:
-        raise ValueError("a KV cache needs query and key maps, not a scores map")
+        raise ValueError("scores= (a map to the products q k^T) cannot be used with cache=: "
+                         "a KV cache needs the query and key maps")
     elif query is None and key is None:
         qk = scores(x)
     else:
