@@ -44,7 +44,9 @@ def check_activation(name: str, value: str) -> str:
     """``value`` is a registered attention activation."""
     from shaped_attn import activations  # noqa: PLC0415  (flax only where a script needs it)
 
-    return check_choice(name, value, activations.names())
+    if value not in activations.names():
+        raise ValueError(f"{name}={value!r} is not a registered activation: {', '.join(activations.names())}")
+    return value
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: Sequence[str] = (),
