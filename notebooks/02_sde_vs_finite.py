@@ -54,7 +54,8 @@ SIZES = dict(
     samples=128 if QUICK else 4096,        # finite networks
     paths=128 if QUICK else 16384,         # SDE paths
     dt=0.05 if QUICK else 0.01,
-    sweep_widths=(8, 16) if QUICK else (25, 50, 100, 200, 400),
+    variants=("unshaped",) if QUICK else ("unshaped", "pre_ln"),
+    sweep_widths=(8,) if QUICK else (25, 50, 100, 200, 400),
 )
 print("QUICK" if QUICK else "FULL", SIZES)
 
@@ -91,7 +92,7 @@ except ValueError as err:
 # %%
 cfg = sde.ExperimentConfig(m=SIZES["m"], rho0=RHO0, width=n, depth=d, gamma=GAMMA, tau0=TAU0,
                            samples=SIZES["samples"], sde_paths=SIZES["paths"], dt=SIZES["dt"],
-                           variants=("unshaped", "pre_ln"), sweep_widths=SIZES["sweep_widths"])
+                           variants=SIZES["variants"], sweep_widths=SIZES["sweep_widths"])
 result = sde.run_experiment(cfg, progress=True)
 metrics, arrays = result.metrics, result.arrays
 print(f"rho_12 at T = {cfg.T:.3g}: KS = {metrics['ks_rho']:.3f} (p = {metrics['ks_pvalue_rho']:.3g}), "
