@@ -2,6 +2,7 @@
 
     python scripts/sde_vs_finite.py                      # quick preset, under a minute on CPU
     python scripts/sde_vs_finite.py --preset fig1        # the paper's Fig. 1 at full size
+    python scripts/sde_vs_finite.py --preset widths       # finite-width rates, about 10 min on 2 cores
     python scripts/sde_vs_finite.py --m 3 --width 200 --depth 150 --samples 4096
 
 A thin CLI over :func:`sde.run_experiment`: flags (one per field of
@@ -23,6 +24,7 @@ import numpy as np
 import _common
 import sde
 from sde._experiment.analysis import EIG_BOUNDS, MIN_CURVE_SAMPLES, RESOLVED_OVER_FLOOR
+from sde._experiment.convergence import STATISTICS
 from sde._experiment.run import OUTPUTS
 
 PRESETS = {
@@ -35,8 +37,12 @@ PRESETS = {
                  dt=0.01, variants=("no_centre", "no_identity", "no_sqrt_n")),
     "fig5": dict(v0_scale=100.0, width=200, depth=200, samples=100, sde_paths=1000, dt=0.005,
                  gamma=0.2, gammas=(0.05, 0.1, 0.2, 0.3, 0.5, 0.7), tau0s=(0.5, 2.0), stop_norm=1e5),
+    # docs/finite_width.md §7: Fig. 1 setting; about 10 min on 2 CPU cores
+    "widths": dict(convergence_widths=(4, 8, 12, 16, 24, 32, 48, 64), convergence_samples=1_000_000,
+                   convergence_budget=6_000_000, convergence_paths=393_216, convergence_steps=96,
+                   convergence_slope_paths=65_536, chunk=16_384),
 }
-LIST_TYPES = {"variants": str, "gammas": float, "tau0s": float, "sweep_widths": int}
+LIST_TYPES = {"variants": str, "gammas": float, "tau0s": float, "sweep_widths": int, "convergence_widths": int}
 
 
 def build_parser() -> _common.ArgumentParser:
@@ -148,6 +154,46 @@ def figures(result: sde.ExperimentResult, run) -> None:
         ax.legend(fontsize=8)
         run.save_figure(fig, "width_sweep")
 
+    if "width_convergence" in metrics:
+        convergence_figure(metrics["width_convergence"], run, plt)
+
+
+def convergence_figure(wc: dict, run, plt) -> None:
+    """|finite - SDE| of each moment against n, log-log (circles: positive, triangles: negative;
+    filled: fitted; bars: 1 SE), the fitted C n^-p, the ReLU-factor term the theory predicts at
+    order n^-1/2, the bias without it (crosses) and the SDE's remaining time-step bias
+    (docs/finite_width.md §7)."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    fig.subplots_adjust(hspace=0.35, wspace=0.3)
+    n = np.asarray(wc["widths"], float)
+    for ax, (name, label) in zip(axes.flat, STATISTICS.items()):
+        row = wc["statistics"][name]
+        for i, (b, se) in enumerate(zip(row["bias"], row["bias_se"])):
+            if b is not None:
+                ax.errorbar(n[i], abs(b), yerr=[[min(se, 0.9 * abs(b))], [se]], fmt="o" if b > 0 else "v",
+                            color="C0", mfc="C0" if n[i] in row["fit_widths"] else "none", capsize=2)
+        ax.plot([], [], "o", color="C0", label="|finite - SDE| (filled: fitted)")
+        title = f"{label}: no rate fitted" if row["rate"] is None else \
+            f"{label}: p = {row['rate']:.2f} ± {row['rate_se']:.2f}"
+        if row["rate"] is not None:
+            span = np.asarray(row["fit_widths"], float)
+            ax.plot(span, row["prefactor"] * span ** -row["rate"], "C0-", lw=1, label="C n^-p")
+        if row.get("relu_slope_term"):
+            ax.plot(n, np.abs(row["relu_slope_term"]), "C1--", lw=1, label="ReLU factor term (theory, n^-1/2)")
+            rest = row["without_slope_term"]
+            ax.plot(n, [np.nan if b is None else abs(b) for b in rest["bias"]], "x", color="gray", ms=5,
+                    label="|bias - ReLU term|" + ("" if rest["rate"] is None else f": p = {rest['rate']:.2f}"))
+        if row["sde_dt_bias"] is not None:
+            ax.axhline(abs(row["sde_dt_bias"]), color="gray", ls=":", lw=1, label="SDE remaining dt bias")
+        ax.set(xscale="log", yscale="log", xlabel="width n (depth = T n)", ylabel=f"|bias| of {label}")
+        ax.set_xticks(n, [str(int(w)) for w in n])
+        ax.set_xticks([], minor=True)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.text(0.5, 0.01, f"circles: bias > 0, triangles: bias < 0; networks per width {wc['samples_per_width']}; "
+             f"{wc['sde_paths']} SDE paths at {wc['sde_steps']} steps", ha="center", fontsize=8)
+    run.save_figure(fig, "width_convergence")
+
 
 def stability_figure(cfg: sde.ExperimentConfig, rows: list, run, plt) -> None:
     """Paper Fig. 5: the layer where an eigenvalue of V leaves EIG_BOUNDS against gamma, per
@@ -198,6 +244,13 @@ def report(result: sde.ExperimentResult) -> None:
     elif ws:
         print(f"width sweep: every KS within {RESOLVED_OVER_FLOOR:g}x its sampling floor "
               f"{ws['ks_noise_floor']:.3g}: the finite-width bias is below what these sample sizes resolve")
+    wc = metrics.get("width_convergence", {})
+    for name, row in wc.get("statistics", {}).items():
+        fit = row["no_rate"] if row["rate"] is None else \
+            f"|bias| = {row['prefactor']:.3g} n^-({row['rate']:.2f} ± {row['rate_se']:.2f})"
+        b0 = "none" if row["bias"][0] is None else f"{row['bias'][0]:+.4g} ± {row['bias_se'][0]:.2g}"
+        dt = "none" if row["sde_dt_bias"] is None else f"{row['sde_dt_bias']:+.2g}"
+        print(f"{STATISTICS[name]}: bias at n = {wc['widths'][0]}: {b0}; {fit}; SDE remaining dt bias {dt}")
     print(f"outputs in {out}")
 
 

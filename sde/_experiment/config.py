@@ -42,6 +42,17 @@ class ExperimentConfig:
       gammas, tau0s: a gamma (x tau0) sweep of finite and SDE runs: densities, 95th
         percentiles and eigenvalue exit times (docs/stopping.md §4).
       sweep_widths: finite runs at other widths (depth = T * width) against the same SDE.
+      convergence_widths: the finite-width study (docs/finite_width.md): finite networks at
+        these widths, depth ``T * width`` (an integer), only their last layer kept.
+      convergence_samples, convergence_budget: networks per convergence width:
+        ``convergence_samples``, or ``convergence_budget // width`` where that is smaller
+        (equal compute per width once the budget binds; 0: no budget).
+      convergence_paths: SDE paths of the study, at each of three step sizes.
+      convergence_steps: Euler steps of the study's finest SDE solve (a multiple of 4); it is
+        also solved with 2x and 4x the step on the same Brownian paths.
+      convergence_slope_paths: SDE paths (the first of the finest solve's) re-solved at each
+        width with the shaped ReLU's finite-width drift factor (docs/finite_width.md §3);
+        0 skips this prediction.
       chunk: samples or paths per stored chunk (resume granularity).
       stop_norm: blow-up threshold of both sides (docs/stopping.md).
       dtype: ``"float32"`` or ``"float64"``.
@@ -67,6 +78,12 @@ class ExperimentConfig:
     gammas: tuple = ()
     tau0s: tuple = ()
     sweep_widths: tuple = ()
+    convergence_widths: tuple = ()
+    convergence_samples: int = 65536
+    convergence_budget: int = 0
+    convergence_paths: int = 65536
+    convergence_steps: int = 96
+    convergence_slope_paths: int = 16384
     chunk: int = 1024
     stop_norm: float = 1e4
     dtype: str = "float32"
@@ -96,9 +113,35 @@ class ExperimentConfig:
             check_choice("variants", v, VARIANTS)
         for w in (self.width, *self.sweep_widths):
             check_int("width", w, lo=self.m + 1)
+        self._check_convergence()
         check_number("stop_norm", self.stop_norm)
         check_choice("dtype", self.dtype, DTYPES)
         self.sde_params(self.gamma, self.tau0)  # the activation's expansion: ValueError if none
+
+    def _check_convergence(self) -> None:
+        for w in self.convergence_widths:
+            check_int("convergence_widths", w, lo=self.m + 1)
+            if abs(self.T * w - round(self.T * w)) > 1e-9 * w:
+                raise ValueError(f"convergence_widths: width {w} gives depth T * width = {self.T * w:g} "
+                                 f"(T = {self.T:g}), not an integer")
+        check_int("convergence_samples", self.convergence_samples)
+        check_int("convergence_budget", self.convergence_budget, lo=0)
+        if any(self.convergence_budget and self.convergence_budget < w for w in self.convergence_widths):
+            raise ValueError(f"convergence_budget={self.convergence_budget} must be 0 or at least the largest "
+                             f"convergence width ({max(self.convergence_widths)})")
+        check_int("convergence_paths", self.convergence_paths)
+        if check_int("convergence_steps", self.convergence_steps, lo=4) % 4:
+            raise ValueError(f"convergence_steps={self.convergence_steps} must be a multiple of 4 "
+                             "(the SDE is also solved with 2x and 4x the step)")
+        check_int("convergence_slope_paths", self.convergence_slope_paths, lo=0, hi=self.convergence_paths)
+
+    def convergence_plan(self) -> list[tuple[int, int, int]]:
+        """``(width, depth, samples)`` of each convergence width."""
+        out = []
+        for w in self.convergence_widths:
+            budget = self.convergence_budget // w if self.convergence_budget else self.convergence_samples
+            out.append((w, round(self.T * w), min(self.convergence_samples, budget)))
+        return out
 
     @property
     def T(self) -> float:

@@ -13,6 +13,7 @@ from shaped_attn.rundir import RunDir
 
 from .analysis import analyse
 from .config import ExperimentConfig
+from .convergence import width_convergence
 from .runner import Runner
 
 OUTPUTS = ("results.npz", "metrics.json", "timings.json", "*.png", "*.pdf")
@@ -74,6 +75,8 @@ def run_experiment(cfg: ExperimentConfig, out=None, *, overwrite: bool = False,
     runner = Runner(cfg, run, progress=progress)
     ensembles = runner.execute()
     metrics, arrays = analyse(cfg, ensembles)
+    if cfg.convergence_widths:
+        metrics["width_convergence"] = width_convergence(cfg, ensembles)
     timings = {"units": runner.timings, "total_s": time.perf_counter() - start}
     if run is not None:
         run.write_npz("results.npz", **arrays)

@@ -2,7 +2,11 @@
 
 A unit is one finite ensemble ``("finite", variant, gamma, width, depth, tau0)`` or one SDE
 ensemble ``("sde", gamma, T, tau0)``; its key is ``fold_in(key(seed), crc32(name))``, so it
-depends on the seed and the unit's identity only. Each unit is computed in chunks of
+depends on the seed and the unit's identity only. The finite-width study (docs/finite_width.md
+§7) adds ``("conv_finite", width, depth, samples)`` and ``("conv_sde", steps, width)`` (width
+0: the SDE; else its ReLU drift scaled to that width), which keep only the last state; every
+``conv_sde`` unit uses one key and Brownian increments on the finest grid, so they share
+their paths (common random numbers). Each unit is computed in chunks of
 ``config.chunk`` samples; with a run directory every finished chunk is written atomically and
 read back on a rerun, so an interrupted run resumes to the same result.
 """
@@ -22,6 +26,7 @@ from .._helpers.ensemble import Ensemble
 from .._mc.sampler import FiniteSampler, stop_samples
 from .._theory.solve import solve
 from .config import ExperimentConfig
+from .convergence import STEP_MULTIPLES, relu_drift_factor, relu_scaled_params, slope_width
 
 
 def plan(cfg: ExperimentConfig) -> list[tuple]:
@@ -34,11 +39,20 @@ def plan(cfg: ExperimentConfig) -> list[tuple]:
             units += [("finite", "shaped", g, cfg.width, cfg.depth, t), ("sde", g, cfg.T, t)]
     for w in cfg.sweep_widths:
         units.append(("finite", "shaped", cfg.gamma, w, max(1, round(cfg.T * w)), tau))
+    if cfg.convergence_widths:
+        units += [("conv_sde", cfg.convergence_steps // k, 0) for k in STEP_MULTIPLES]
+        if slope_width(cfg) is not None:
+            units.append(("conv_sde", cfg.convergence_steps, slope_width(cfg)))
+        units += [("conv_finite", *row) for row in cfg.convergence_plan()]
     return list(dict.fromkeys(units))
 
 
 def unit_name(cfg: ExperimentConfig, unit: tuple) -> str:
     """The file-name-safe identity of a unit (also the source of its key)."""
+    if unit[0] == "conv_finite":
+        return f"conv-finite-n{unit[1]}-d{unit[2]}"
+    if unit[0] == "conv_sde":
+        return f"conv-sde-s{unit[1]}" + (f"-relu-n{unit[2]}" if unit[2] else "")
     tau = "" if unit[-1] == cfg.tau0 else f"-tau{unit[-1]:.6g}"
     if unit[0] == "finite":
         _, variant, gamma, width, depth, _ = unit
@@ -102,15 +116,68 @@ class Runner:
         out = self._chunks(name, self.cfg.sde_paths, compute)
         return Ensemble(t=out["t"][0], V=out["V"], stopped=out["stopped"], stop_time=out["stop_t"])
 
+    def _last_states(self, name: str, total: int, T: float, compute: Callable[[int, int, int], Ensemble]) -> Ensemble:
+        """A unit that keeps only the last state of each sample (the finite-width study)."""
+        def last(index, start, stop):
+            ens = compute(index, start, stop)
+            return {"V": np.asarray(ens.V)[:, -1], "stopped": np.asarray(ens.stopped),
+                    "stop_t": np.asarray(ens.stop_time)}
+
+        out = self._chunks(name, total, last)
+        return Ensemble(t=np.array([T]), V=out["V"][:, None], stopped=out["stopped"], stop_time=out["stop_t"])
+
+    def conv_finite(self, width: int, depth: int, samples: int) -> Ensemble:
+        """The last layer of ``samples`` shaped networks of one width of the finite-width study."""
+        cfg = self.cfg
+        name = unit_name(cfg, ("conv_finite", width, depth, samples))
+        key = unit_key(cfg.seed, name)
+        sampler: Optional[FiniteSampler] = None
+
+        def compute(index, start, stop):
+            nonlocal sampler
+            if sampler is None:
+                sampler = FiniteSampler(cfg.V0, cfg.block_config("shaped", cfg.gamma), width=width, depth=depth,
+                                        sampler=cfg.sampler)
+            return stop_samples(sampler.chunk(key, start, stop), width, cfg.stop_norm)
+
+        return self._last_states(name, samples, depth / width, compute)
+
+    def conv_sde(self, steps: int, width: int) -> Ensemble:
+        """The SDE at ``T`` with ``steps`` Euler steps on the study's shared Brownian paths
+        (increments on the finest grid); ``width > 0``: its ReLU drift times the finite
+        network's factor at that width, on the first ``convergence_slope_paths`` paths."""
+        cfg = self.cfg
+        name = unit_name(cfg, ("conv_sde", steps, width))
+        key = unit_key(cfg.seed, "conv-sde")  # one key for every step size: common random numbers
+        params = cfg.sde_params(cfg.gamma, cfg.tau0)
+        if width:
+            params = relu_scaled_params(params, relu_drift_factor(cfg, width))
+        total = cfg.convergence_slope_paths if width else cfg.convergence_paths
+
+        def compute(index, start, stop):
+            return solve(cfg.V0, params, T=cfg.T, dt=cfg.T / steps, num_paths=stop - start,
+                         key=jax.random.fold_in(key, index), save_every=steps,
+                         brownian_dt=cfg.T / cfg.convergence_steps, stop_norm=cfg.stop_norm).to_numpy()
+
+        return self._last_states(name, total, cfg.T, compute)
+
+    def _count(self, unit: tuple) -> int:
+        """Samples or paths of a unit."""
+        if unit[0] == "conv_finite":
+            return unit[3]
+        if unit[0] == "conv_sde":
+            return self.cfg.convergence_slope_paths if unit[2] else self.cfg.convergence_paths
+        return self.cfg.samples if unit[0] == "finite" else self.cfg.sde_paths
+
     def execute(self) -> dict[tuple, Ensemble]:
         """Every unit of :func:`plan`, in order."""
         units = plan(self.cfg)
-        per_unit = {"finite": -(-self.cfg.samples // self.cfg.chunk),
-                    "sde": -(-self.cfg.sde_paths // self.cfg.chunk)}
+        run = {"finite": self.finite, "sde": self.sde, "conv_finite": self.conv_finite, "conv_sde": self.conv_sde}
         from tqdm.auto import tqdm  # noqa: PLC0415  (progress is optional)
 
-        with tqdm(total=sum(per_unit[u[0]] for u in units), desc="chunks", disable=not self.progress) as bar:
+        chunks = sum(-(-self._count(u) // self.cfg.chunk) for u in units)
+        with tqdm(total=chunks, desc="chunks", disable=not self.progress) as bar:
             self._bar = bar
-            out = {u: self.finite(*u[1:]) if u[0] == "finite" else self.sde(*u[1:]) for u in units}
+            out = {u: run[u[0]](*u[1:]) for u in units}
         self._bar = None
         return out
