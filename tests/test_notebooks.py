@@ -26,27 +26,9 @@ pytest.importorskip("matplotlib")
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
+sys.path.insert(0, str(ROOT / "scripts"))
+from execute_notebooks import kernel_name  # noqa: E402  (one kernel rule: the script and the tests)
 CELL_TIMEOUT_S = 120
-
-
-def _kernel_name() -> str:
-    """``python3`` when it launches this interpreter (jupyter_client substitutes
-    ``sys.executable`` for a bare ``python`` argv), else a kernelspec installed into
-    ``sys.prefix`` (no global registration)."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
-    try:
-        spec = KernelSpecManager().get_kernel_spec("python3")
-        argv0 = spec.argv[0]
-        if argv0 in {"python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}"} or \
-                Path(argv0).resolve() == Path(sys.executable).resolve():
-            return "python3"
-    except NoSuchKernel:
-        pass
-    from ipykernel.kernelspec import install
-
-    install(prefix=sys.prefix, kernel_name="shaped-attn-test")
-    return "shaped-attn-test"
 
 
 def _code_cells(nb) -> list[str]:
@@ -116,7 +98,7 @@ def test_notebook_runs_quick(name, monkeypatch, tmp_path):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     nb = jupytext.read(NOTEBOOK_DIR / f"{name}.py")
     client = nbclient.NotebookClient(
-        nb, timeout=CELL_TIMEOUT_S, kernel_name=_kernel_name(),
+        nb, timeout=CELL_TIMEOUT_S, kernel_name=kernel_name(),
         resources={"metadata": {"path": str(tmp_path)}},
     )
     t0 = time.perf_counter()
