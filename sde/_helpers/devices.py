@@ -7,35 +7,47 @@ function over sample indices the same way:
   the chunk size, the number of devices or the order in which chunks run;
 - the indices are cut into chunks of one fixed size (:func:`map_chunks`; the last chunk is
   padded with extra indices whose results are dropped), so each configuration compiles once;
-- each chunk's sample axis is split over all local devices (:func:`sample_mesh`,
+- each compiled call gives every device of the mesh one chunk (:func:`sample_mesh`,
   :func:`sharded_jit`, ``shard_map``: every device runs the same program on its share,
-  LAPACK calls included), so a multi-GPU or TPU host is used with no code change.
+  LAPACK calls included), so a multi-GPU or TPU host is used with no code change, and each
+  device computes exactly the batches one device would: results are identical bit for bit
+  whatever the number of devices;
+- in a run over several processes (:mod:`sde._helpers.processes`) the mesh spans the devices
+  of every process: each process feeds its devices' shares and every process receives the
+  whole result (docs/experiments.md §6).
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "samples"
 
 SHARD_ON_CPU = False
-"""Also split chunks over several *CPU* devices (``--xla_force_host_platform_device_count``).
+"""Also split calls over several *CPU* devices of one process
+(``--xla_force_host_platform_device_count``); one CPU device per process is always used.
 
-Off: with 2 CPU devices the m = 64 SDE solve deadlocked inside XLA's CPU runtime (jax 0.10.2)
-as soon as a device had more than 2 paths of a chunk. Accelerators are always sharded."""
+Off: with 2 CPU devices in one process the m = 64 SDE solve deadlocks inside XLA's CPU
+runtime (seen with jax 0.10.2, and again on 2026-12-02). Accelerators are always sharded."""
 
 
 def sample_mesh() -> Optional[Mesh]:
-    """A one-axis mesh ``("samples",)`` over all local devices; None for a single device and
-    for CPU devices unless :data:`SHARD_ON_CPU`."""
-    devices = jax.local_devices()
-    if len(devices) < 2 or (devices[0].platform == "cpu" and not SHARD_ON_CPU):
+    """A one-axis mesh ``("samples",)`` over the devices of every process; None for a single
+    device. CPU devices: one per process unless :data:`SHARD_ON_CPU`."""
+    devices = jax.devices()
+    if devices[0].platform == "cpu" and not SHARD_ON_CPU:
+        first: dict = {}
+        for d in devices:
+            first.setdefault(d.process_index, d)
+        devices = list(first.values())
+    if len(devices) < 2:
         return None
     return Mesh(np.asarray(devices), (AXIS,))
 
@@ -48,12 +60,32 @@ def num_shards(mesh: Optional[Mesh]) -> int:
 def sharded_jit(fn: Callable, mesh: Optional[Mesh]) -> Callable:
     """``jax.jit`` of ``fn(batched, shared)``: ``batched`` (a pytree) is split over ``mesh``
     along its leading axis, ``shared`` (a pytree) is replicated, outputs are split like
-    ``batched``. Without a mesh: plain ``jax.jit``."""
+    ``batched``. Without a mesh: plain ``jax.jit``. A mesh over several processes takes host
+    arrays (every process passes the same values) and returns host arrays of the whole result
+    on every process."""
     if mesh is None:
         return jax.jit(fn)
     spec = PartitionSpec(AXIS)
-    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec, PartitionSpec()), out_specs=spec,
-                                 check_vma=False))
+    compiled = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec, PartitionSpec()), out_specs=spec,
+                                     check_vma=False))
+    if mesh.is_multi_process:
+        return functools.partial(_call_across_processes, compiled, mesh)
+    return compiled
+
+
+def _call_across_processes(compiled: Callable, mesh: Mesh, batched, shared):
+    """``compiled(batched, shared)`` over a mesh that spans processes: each process builds its
+    devices' shares of the global inputs from its (identical) host copies, and every process
+    gathers the whole output."""
+    from jax.experimental import multihost_utils  # noqa: PLC0415  (multi-process runs only)
+
+    def global_array(x, spec):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
+
+    batched = jax.tree_util.tree_map(lambda x: global_array(x, PartitionSpec(AXIS)), batched)
+    shared = jax.tree_util.tree_map(lambda x: global_array(x, PartitionSpec()), shared)
+    return multihost_utils.process_allgather(compiled(batched, shared), tiled=True)
 
 
 def unit_key(seed: int, name: str) -> jax.Array:
@@ -69,14 +101,16 @@ def sample_keys(key: jax.Array, indices) -> jax.Array:
 
 def map_chunks(fn: Callable[[np.ndarray], object], start: int, stop: int, chunk_size: int,
                multiple: int = 1, progress: Optional[str] = None):
-    """``fn(indices)`` over samples ``start..stop-1`` in chunks of one fixed size, results
+    """``fn(indices)`` over samples ``start..stop-1`` in calls of one fixed size, results
     concatenated along the leading axis (a pytree of arrays).
 
-    The size is ``min(chunk_size, stop - start)`` rounded up to a multiple of ``multiple``
-    (the number of shards); the last chunk's indices run past ``stop`` and those results are
-    dropped, so ``fn`` compiles once. ``progress``: the description of a tqdm bar over chunks.
+    Each call covers ``multiple`` (the number of shards) consecutive chunks of
+    ``min(chunk_size, stop - start)`` indices, one chunk per shard, so a device computes the
+    same batches whatever the number of shards; the last call's indices run past ``stop`` and
+    those results are dropped, so ``fn`` compiles once. ``progress``: the description of a
+    tqdm bar over calls.
     """
-    size = -(-min(chunk_size, stop - start) // multiple) * multiple
+    size = min(chunk_size, stop - start) * multiple
     outs = []
     firsts = range(start, stop, size)
     if progress is not None:

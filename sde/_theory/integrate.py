@@ -174,14 +174,16 @@ def _compiled(chunk_fn: Callable, static_items: tuple, mesh):
     return sharded_jit(lambda batched, dynamic: chunk_fn(*batched, **dynamic, **static), mesh)
 
 
-def run_paths(chunk_fn: Callable, static: dict, dynamic: dict, key, inits: Array, chunk_size: int):
-    """``chunk_fn`` over all paths of ``inits`` (leading axis) in chunks of ``chunk_size``:
-    path ``i`` gets ``fold_in(key, i)``; the results are concatenated (a pytree)."""
+def run_paths(chunk_fn: Callable, static: dict, dynamic: dict, key, inits: Array, chunk_size: int,
+              first_path: int = 0):
+    """``chunk_fn`` over all paths of ``inits`` (leading axis) in chunks of ``chunk_size`` per
+    device: path ``i`` gets ``fold_in(key, first_path + i)``; the results are concatenated (a
+    pytree)."""
     mesh = sample_mesh()
     fn = _compiled(chunk_fn, tuple(sorted(static.items())), mesh)
     num_paths = inits.shape[0]
 
     def chunk(idx):
-        return fn((sample_keys(key, idx), inits[np.minimum(idx, num_paths - 1)]), dynamic)
+        return fn((sample_keys(key, idx), inits[np.minimum(idx - first_path, num_paths - 1)]), dynamic)
 
-    return map_chunks(chunk, 0, num_paths, chunk_size, num_shards(mesh))
+    return map_chunks(chunk, first_path, first_path + num_paths, chunk_size, num_shards(mesh))

@@ -180,6 +180,7 @@ def solve(
     factor: str = "cholesky",
     brownian_dt: float | None = None,
     deterministic: bool = False,
+    first_path: int = 0,
 ) -> Ensemble:
     """Simulate ``num_paths`` paths of the covariance SDE of ``params.block`` from ``V0``.
 
@@ -194,15 +195,16 @@ def solve(
       T: final time ``d / n`` (> 0).
       dt: step, in ``(0, T]``; ``T / dt`` must be an integer (within ``1e-9`` relative).
       num_paths: number of independent paths (>= 1).
-      key: JAX PRNG key; path ``i`` uses ``fold_in(key, i)``, so paths do not depend on
-        ``num_paths`` or ``chunk_size``. Not needed when ``deterministic``.
+      key: JAX PRNG key; path ``i`` uses ``fold_in(key, first_path + i)``, so paths do not
+        depend on ``num_paths``, ``chunk_size`` or the number of devices. Not needed when
+        ``deterministic``.
       save_every: save every this many steps; must divide the number of steps.
       noise: ``"structured"`` (O(m^3) per step) or ``"generic"`` (``D x D`` square root, O(m^6)).
       stop_norm: stop a path when ``max_ab |V_ab| > stop_norm`` (> 0).
       psd_tol: stop a path when ``lambda_min(V) < -psd_tol * max(1, max|V|)``; default
         ``sqrt(eps)`` of the dtype (1.5e-8 in float64, 3.5e-4 in float32).
-      chunk_size: paths per chunk (bounds memory; the last chunk is padded so that one
-        program serves all chunks); ``"auto"`` (default): :func:`default_chunk_size`;
+      chunk_size: paths per chunk and device (bounds memory; the last chunk is padded so that
+        one program serves all chunks); ``"auto"`` (default): :func:`default_chunk_size`;
         ``None``: all paths at once. Results do not depend on it.
       factor: factor of ``V`` for the structured noise and the PSD test: ``"cholesky"``
         (default; clipped ``eigh`` where Cholesky fails, so exact on the PSD boundary) or
@@ -213,6 +215,8 @@ def solve(
         random numbers for convergence studies). Default: one draw per step.
       deterministic: integrate the drift-only limit ``dV = b(V) dt`` instead (one path,
         ``diffrax.Tsit5`` on the same grid, same stopping rule); ``num_paths`` must be 1.
+      first_path: the number of the first path (>= 0): these are paths ``first_path ..
+        first_path + num_paths - 1`` of one ensemble, which can so be computed in parts.
 
     Returns:
       :class:`Ensemble` with ``t (K,)``, ``V (num_paths, K, m, m)``, ``stopped``,
@@ -227,7 +231,8 @@ def solve(
         brownian_dt=brownian_dt, deterministic=deterministic,
     )
     V, stopped, stop_time = run_paths(_solve_chunk, plan.static, plan.dynamic, plan.key, plan.V0s,
-                                      paths_per_chunk(chunk_size, plan.V0s))
+                                      paths_per_chunk(chunk_size, plan.V0s),
+                                      check_int("first_path", first_path, lo=0))
     return Ensemble(t=plan.ts, V=V, stopped=stopped, stop_time=stop_time)
 
 
