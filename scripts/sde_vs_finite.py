@@ -4,13 +4,18 @@
     python scripts/sde_vs_finite.py --preset fig1        # the paper's Fig. 1 at full size
     python scripts/sde_vs_finite.py --preset widths       # finite-width rates, about 10 min on 2 cores
     python scripts/sde_vs_finite.py --m 3 --width 200 --depth 150 --samples 4096
+    python scripts/sde_vs_finite.py --coordinator 10.0.0.1:4321 --num-processes 2 --process-id 0
 
 A thin CLI over :func:`sde.run_experiment`: flags (one per field of
 :class:`sde.ExperimentConfig`; lists as space-separated values), presets (docs/experiments.md
 §1; explicit flags override a preset's values) and figures. Writes to ``--out``: config.json,
 results.npz, metrics.json (deterministic for a given config and seed), timings.json, and
 figures as PNG and PDF. Finished chunks are kept under ``chunks/``: rerunning the same command
-after an interruption resumes from them and gives the same result. Exit codes: 2 for bad
+after an interruption resumes from them and gives the same result. Several processes (hosts)
+share one run through ``jax.distributed`` (docs/experiments.md §4): each computes a share of
+the samples and paths, process 0 alone writes ``--out``, and the outputs equal a
+single-process run's. A run too large for the memory, with too many SDE steps, or an
+unwritable ``--out`` is refused before any work (docs/experiments.md §5). Exit codes: 2 for bad
 input, 130 for Ctrl-C (rerun to resume).
 """
 
@@ -26,6 +31,7 @@ import sde
 from sde._experiment.analysis import EIG_BOUNDS, MIN_CURVE_SAMPLES, RESOLVED_OVER_FLOOR
 from sde._experiment.convergence import STATISTICS
 from sde._experiment.run import OUTPUTS
+from sde._helpers.processes import agree
 
 PRESETS = {
     "quick": {},
@@ -51,30 +57,45 @@ def build_parser() -> _common.ArgumentParser:
     parser.add_argument("--out", default=None, help="default runs/sde_vs_finite_<preset>")
     parser.add_argument("--overwrite", action="store_true", help="replace an --out holding another config")
     _common.add_config_flags(parser, sde.ExperimentConfig, element_types=LIST_TYPES)
+    group = parser.add_argument_group(
+        "several processes", "all three, or none: JAX then detects a Cloud TPU, SLURM or MPI cluster "
+        "itself, else the run is single-process (docs/experiments.md §4)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (any free port)")
+    group.add_argument("--num-processes", type=int, help="processes in the run (1: single-process)")
+    group.add_argument("--process-id", type=int, help="this process, 0 .. num-processes - 1")
     return parser
 
 
-def resolve(argv=None) -> tuple[sde.ExperimentConfig, str, bool]:
-    """``(config, out, overwrite)``: defaults, then the preset's values, then explicit flags."""
-    args = build_parser().parse_args(argv)
+def _resolved(args) -> tuple[sde.ExperimentConfig, str, bool]:
     cfg = sde.ExperimentConfig(**_common.config_values(args, sde.ExperimentConfig, PRESETS[args.preset]))
     return cfg, args.out or f"runs/sde_vs_finite_{args.preset}", args.overwrite
 
 
+def resolve(argv=None) -> tuple[sde.ExperimentConfig, str, bool]:
+    """``(config, out, overwrite)``: defaults, then the preset's values, then explicit flags."""
+    return _resolved(build_parser().parse_args(argv))
+
+
 def prepare(argv=None):
-    cfg, out, overwrite = resolve(argv)
+    """Join the other processes (before any JAX work), check the config and the resources,
+    open ``--out`` (process 0; other processes get None)."""
+    args = build_parser().parse_args(argv)
+    sde.join_processes(args.coordinator, args.num_processes, args.process_id)
+    cfg, out, overwrite = _resolved(args)
     if cfg.dtype == "float64":
         import jax  # noqa: PLC0415
 
         jax.config.update("jax_enable_x64", True)
-    return cfg, _common.open_run(out, cfg, overwrite, OUTPUTS)
+    sde.check_resources(cfg)
+    return cfg, agree(lambda: _common.open_run(out, cfg, overwrite, OUTPUTS))
 
 
 def execute(cfg: sde.ExperimentConfig, run) -> int:
     _common.use_compile_cache()
     result = sde.run_experiment(cfg, run, progress=True)
-    figures(result, run)
-    report(result)
+    if run is not None:  # the writing process
+        figures(result, run)
+        report(result)
     return 0
 
 

@@ -6,7 +6,7 @@ SDE" (arXiv 2206.02768). The theory is in ``docs/`` (start at docs/README.md).
 Layers, each importing only from those before it (private sub-packages):
 
 - ``_helpers``: symmetric-index maps, PSD factors, the Wishart/Bartlett sampler, keys, chunks
-  and sharding, validation, the :class:`Ensemble` result;
+  and sharding, runs over several processes, validation, the :class:`Ensemble` result;
 - ``_theory``: activation constants, :class:`SDEParams`, drift and diffusion, noise, the
   diffrax solve, the correlation SDE (never imports :mod:`shaped_attn`);
 - ``_mc``: finite-network Monte Carlo (Gram, reduced and weight samplers, one-layer
@@ -38,6 +38,7 @@ _EXPORTS = {
     "Ensemble": "._helpers.ensemble",
     "sym_to_vec": "._helpers.symmetric",
     "vec_to_sym": "._helpers.symmetric",
+    "join_processes": "._helpers.processes",
     # finite networks
     "expansion": "._mc.activations",
     "FiniteSampler": "._mc.sampler",
@@ -55,6 +56,8 @@ _EXPORTS = {
     "ExperimentConfig": "._experiment.config",
     "ExperimentResult": "._experiment.run",
     "run_experiment": "._experiment.run",
+    "check_resources": "._experiment.resources",
+    "ResourcePlan": "._experiment.resources",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -76,8 +79,10 @@ if TYPE_CHECKING:  # static analysers see the names; at run time they load lazil
     from ._compare import band, compare_moments, compare_samples
     from ._estimator import CoefficientEstimate, estimate_coefficients
     from ._experiment.config import ExperimentConfig
+    from ._experiment.resources import ResourcePlan, check_resources
     from ._experiment.run import ExperimentResult, run_experiment
     from ._helpers.ensemble import Ensemble
+    from ._helpers.processes import join_processes
     from ._helpers.symmetric import sym_to_vec, vec_to_sym
     from ._mc.activations import expansion
     from ._mc.sampler import FiniteSampler, simulate_finite

@@ -148,8 +148,12 @@ class RunDir:
                     path.unlink(missing_ok=True)
         for tmp in [*self.path.glob(".*.tmp"), *self.path.glob("chunks/.*.tmp")]:  # left by a kill
             tmp.unlink(missing_ok=True)
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(stored, {"config": self.config, "environment": environment()})
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(stored, {"config": self.config, "environment": environment()})
+        except OSError as err:
+            raise ValueError(f"out={str(self.path)!r} cannot be created or written: "
+                             f"{err.strerror or err} ({err.filename or self.path})") from err
 
     @staticmethod
     def jsonable(config: dict) -> Any:

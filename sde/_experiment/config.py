@@ -23,6 +23,8 @@ SUBLAYERS = {"transformer": "both", "attention": "attention", "mlp": "mlp"}
 VARIANTS = ("shaped", "unshaped", "pre_ln", "no_centre", "no_identity", "no_sqrt_n")
 DTYPES = ("float32", "float64")
 MAX_SDE_SAVES = 200
+MAX_SDE_STEPS = 10**7
+"""More Euler steps than this per path is refused as a mistake (days of compute on one host)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +108,9 @@ class ExperimentConfig:
         if self.tau0s and not self.gammas:
             raise ValueError("tau0s needs gammas: it adds a gamma x tau0 stability grid")
         check_number("dt", self.dt, 0, self.T, hi_closed=True, hi_name="T")
+        if self.T / self.dt > MAX_SDE_STEPS:
+            raise ValueError(f"dt={self.dt:g} with T = depth / width = {self.T:g} gives {self.T / self.dt:.3g} SDE "
+                             f"steps per path, above {MAX_SDE_STEPS:.0e}: raise dt or lower depth")
         check_choice("block", self.block, BLOCKS)
         check_choice("activation", self.activation, activations.names())
         check_choice("sampler", self.sampler, SAMPLERS)

@@ -11,9 +11,11 @@ import jax
 
 from shaped_attn.rundir import RunDir
 
+from .._helpers.processes import agree
 from .analysis import analyse
 from .config import ExperimentConfig
 from .convergence import width_convergence
+from .resources import check_resources
 from .runner import Runner
 
 OUTPUTS = ("results.npz", "metrics.json", "timings.json", "*.png", "*.pdf")
@@ -56,6 +58,10 @@ def run_experiment(cfg: ExperimentConfig, out=None, *, overwrite: bool = False,
                    progress: bool = False) -> ExperimentResult:
     """Run (or resume) ``cfg``: finite networks and SDE paths, then the analysis.
 
+    In a run over several processes (:func:`sde.join_processes`, docs/experiments.md §4) every
+    process calls this with the same arguments, computes its share and returns the same result;
+    only process 0 opens ``out`` and writes.
+
     Arguments:
       cfg: the :class:`ExperimentConfig`.
       out: a run directory (a path or an open :class:`shaped_attn.rundir.RunDir`): config.json, results.npz, metrics.json, timings.json are written
@@ -65,14 +71,16 @@ def run_experiment(cfg: ExperimentConfig, out=None, *, overwrite: bool = False,
       progress: a tqdm bar over chunks.
 
     Raises:
-      ValueError: for ``dtype="float64"`` without ``jax_enable_x64``, or an ``out`` that is a
-        file or holds another config.
+      ValueError: before any work or output, for ``dtype="float64"`` without
+        ``jax_enable_x64``, a run too large for the memory (:func:`check_resources`), or an
+        ``out`` that cannot be written, is a file or holds another config.
     """
     if cfg.dtype == "float64" and not jax.config.jax_enable_x64:
         raise ValueError("dtype='float64' needs jax.config.update('jax_enable_x64', True) first")
-    run = None if out is None else open_run_dir(cfg, out, overwrite)
+    resources = check_resources(cfg)
+    run = agree(lambda: None if out is None else open_run_dir(cfg, out, overwrite))  # process 0's
     start = time.perf_counter()
-    runner = Runner(cfg, run, progress=progress)
+    runner = Runner(cfg, run, progress=progress, resources=resources)
     ensembles = runner.execute()
     metrics, arrays = analyse(cfg, ensembles)
     if cfg.convergence_widths:

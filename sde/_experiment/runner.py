@@ -2,31 +2,41 @@
 
 A unit is one finite ensemble ``("finite", variant, gamma, width, depth, tau0)`` or one SDE
 ensemble ``("sde", gamma, T, tau0)``; its key is ``fold_in(key(seed), crc32(name))``, so it
-depends on the seed and the unit's identity only. The finite-width study (docs/finite_width.md
+depends on the seed and the unit's identity only, and sample or path ``i`` of the unit uses
+``fold_in(key, i)``. The finite-width study (docs/finite_width.md
 §7) adds ``("conv_finite", width, depth, samples)`` and ``("conv_sde", steps, width)`` (width
 0: the SDE; else its ReLU drift scaled to that width), which keep only the last state; every
 ``conv_sde`` unit uses one key and Brownian increments on the finest grid, so they share
-their paths (common random numbers). Each unit is computed in chunks of
+their paths (common random numbers). Each unit is stored in chunks of
 ``config.chunk`` samples; with a run directory every finished chunk is written atomically and
-read back on a rerun, so an interrupted run resumes to the same result.
+read back on a rerun, so an interrupted run resumes to the same result. Missing chunks are
+computed one per device and call (consecutive chunks grouped over the devices of every process,
+docs/experiments.md §4), each device in batches of the :class:`ResourcePlan`'s size, so the
+numbers do not depend on the number of devices or processes.
 """
 
 from __future__ import annotations
 
+import io
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import jax
 import numpy as np
 
 from shaped_attn.rundir import RunDir
 
-from .._helpers.devices import unit_key
+from .._helpers.devices import num_shards, sample_mesh, unit_key
 from .._helpers.ensemble import Ensemble
+from .._helpers.processes import is_writer, share_bytes
 from .._mc.sampler import FiniteSampler, stop_samples
 from .._theory.solve import solve
 from .config import ExperimentConfig
 from .convergence import STEP_MULTIPLES, relu_drift_factor, relu_scaled_params, slope_width
+from .resources import ResourcePlan, check_resources
+
+PER_UNIT = ("t",)
+"""Chunk entries that describe the whole unit (the save times), not one sample each."""
 
 
 def plan(cfg: ExperimentConfig) -> list[tuple]:
@@ -61,28 +71,72 @@ def unit_name(cfg: ExperimentConfig, unit: tuple) -> str:
     return f"sde-{cfg.block}-g{gamma:.6g}-T{T:.6g}{tau}"
 
 
-class Runner:
-    """Runs the units of ``cfg``, storing and reusing chunks in ``run`` (None: in memory)."""
+def _groups(missing: list[int], size: int, partial: int) -> Iterator[list[int]]:
+    """Runs of at most ``size`` consecutive chunk indices of ``missing``; the ``partial`` (last,
+    shorter) chunk always alone, so that its batch is the same whatever ``size``."""
+    group: list[int] = []
+    for i in missing:
+        if group and (len(group) == size or i != group[-1] + 1 or i == partial):
+            yield group
+            group = []
+        group.append(i)
+    if group:
+        yield group
 
-    def __init__(self, cfg: ExperimentConfig, run: Optional[RunDir] = None, progress: bool = False):
+
+def _share_stored(chunks: dict[int, dict]) -> dict[int, dict]:
+    """Process 0's stored chunks on every process (as they are with one process)."""
+    if jax.process_count() == 1:
+        return chunks
+    buf = io.BytesIO()
+    if is_writer():
+        np.savez(buf, **{f"{i}/{k}": v for i, chunk in chunks.items() for k, v in chunk.items()})
+    out: dict[int, dict] = {}
+    with np.load(io.BytesIO(share_bytes(buf.getvalue())), allow_pickle=False) as f:
+        for entry in f.files:
+            i, k = entry.split("/")
+            out.setdefault(int(i), {})[k] = f[entry]
+    return out
+
+
+class Runner:
+    """Runs the units of ``cfg``, storing and reusing chunks in ``run`` (None: in memory; in a
+    run over several processes only process 0 has one), with the per-device batches of
+    ``resources`` (default: :func:`check_resources`)."""
+
+    def __init__(self, cfg: ExperimentConfig, run: Optional[RunDir] = None, progress: bool = False,
+                 resources: Optional[ResourcePlan] = None):
         self.cfg, self.run, self.progress = cfg, run, progress
+        self.resources = check_resources(cfg) if resources is None else resources
         self.timings: dict[str, float] = {}
         self._bar = None
 
-    def _chunks(self, name: str, total: int, compute: Callable[[int, int, int], dict]) -> dict:
-        """The chunks of one unit concatenated, computing (and storing) only missing ones."""
-        size, parts, start_time = self.cfg.chunk, [], time.perf_counter()
-        for index, start in enumerate(range(0, total, size)):
-            chunk = None if self.run is None else self.run.load_chunk(name, index)
-            if chunk is None:
-                chunk = compute(index, start, min(start + size, total))
+    def _chunks(self, name: str, total: int, compute: Callable[[int, int], dict]) -> dict:
+        """The chunks of one unit concatenated: stored ones read back, missing ones computed
+        by ``compute(start, stop)`` over runs of consecutive chunks, one per device, and stored."""
+        size, start_time = self.cfg.chunk, time.perf_counter()
+        count = -(-total // size)
+        stored = {}
+        if self.run is not None:
+            stored = {i: c for i in range(count) if (c := self.run.load_chunk(name, i)) is not None}
+        parts = _share_stored(stored)
+        self._advance(len(parts))
+        missing = [i for i in range(count) if i not in parts]
+        for group in _groups(missing, num_shards(sample_mesh()), count - 1 if total % size else -1):
+            first = group[0] * size
+            out = compute(first, min((group[-1] + 1) * size, total))
+            for i in group:
+                lo, hi = i * size - first, min((i + 1) * size, total) - first
+                parts[i] = {k: v if k in PER_UNIT else v[lo:hi] for k, v in out.items()}
                 if self.run is not None:
-                    self.run.save_chunk(name, index, **chunk)
-            parts.append(chunk)
-            if self._bar is not None:
-                self._bar.update(1)
+                    self.run.save_chunk(name, i, **parts[i])
+            self._advance(len(group))
         self.timings[name] = time.perf_counter() - start_time
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return {k: np.concatenate([parts[i][k] for i in range(count)]) for k in parts[0]}
+
+    def _advance(self, chunks: int) -> None:
+        if self._bar is not None:
+            self._bar.update(chunks)
 
     def finite(self, variant: str, gamma: float, width: int, depth: int, tau0: float) -> Ensemble:
         """The finite ensemble of one variant, times ``l / width``."""
@@ -90,12 +144,12 @@ class Runner:
         key = unit_key(self.cfg.seed, name)
         sampler: Optional[FiniteSampler] = None
 
-        def compute(index, start, stop):
+        def compute(start, stop):
             nonlocal sampler
             if sampler is None:  # built (and compiled) only if some chunk is missing
                 sampler = FiniteSampler(self.cfg.V0, self.cfg.block_config(variant, gamma, tau0),
                                         width=width, depth=depth, sampler=self.cfg.sampler)
-            return {"V": sampler.chunk(key, start, stop)}
+            return {"V": sampler.chunk(key, start, stop, chunk_size=self.resources.finite_batch)}
 
         V = self._chunks(name, self.cfg.samples, compute)["V"]
         return stop_samples(V, width, self.cfg.stop_norm)
@@ -107,19 +161,19 @@ class Runner:
         dt, save_every = self.cfg.sde_grid(T)
         params = self.cfg.sde_params(gamma, tau0)
 
-        def compute(index, start, stop):
-            sol = solve(self.cfg.V0, params, T=T, dt=dt, num_paths=stop - start,
-                        key=jax.random.fold_in(key, index), save_every=save_every,
-                        stop_norm=self.cfg.stop_norm).to_numpy()
+        def compute(start, stop):
+            sol = solve(self.cfg.V0, params, T=T, dt=dt, num_paths=stop - start, key=key, first_path=start,
+                        save_every=save_every, stop_norm=self.cfg.stop_norm,
+                        chunk_size=self.resources.sde_batch).to_numpy()
             return {"V": sol.V, "stopped": sol.stopped, "stop_t": sol.stop_time, "t": sol.t[None]}
 
         out = self._chunks(name, self.cfg.sde_paths, compute)
         return Ensemble(t=out["t"][0], V=out["V"], stopped=out["stopped"], stop_time=out["stop_t"])
 
-    def _last_states(self, name: str, total: int, T: float, compute: Callable[[int, int, int], Ensemble]) -> Ensemble:
+    def _last_states(self, name: str, total: int, T: float, compute: Callable[[int, int], Ensemble]) -> Ensemble:
         """A unit that keeps only the last state of each sample (the finite-width study)."""
-        def last(index, start, stop):
-            ens = compute(index, start, stop)
+        def last(start, stop):
+            ens = compute(start, stop)
             return {"V": np.asarray(ens.V)[:, -1], "stopped": np.asarray(ens.stopped),
                     "stop_t": np.asarray(ens.stop_time)}
 
@@ -133,12 +187,13 @@ class Runner:
         key = unit_key(cfg.seed, name)
         sampler: Optional[FiniteSampler] = None
 
-        def compute(index, start, stop):
+        def compute(start, stop):
             nonlocal sampler
             if sampler is None:
                 sampler = FiniteSampler(cfg.V0, cfg.block_config("shaped", cfg.gamma), width=width, depth=depth,
                                         sampler=cfg.sampler)
-            return stop_samples(sampler.chunk(key, start, stop), width, cfg.stop_norm)
+            V = sampler.chunk(key, start, stop, chunk_size=self.resources.finite_batch)
+            return stop_samples(V, width, cfg.stop_norm)
 
         return self._last_states(name, samples, depth / width, compute)
 
@@ -154,10 +209,10 @@ class Runner:
             params = relu_scaled_params(params, relu_drift_factor(cfg, width))
         total = cfg.convergence_slope_paths if width else cfg.convergence_paths
 
-        def compute(index, start, stop):
-            return solve(cfg.V0, params, T=cfg.T, dt=cfg.T / steps, num_paths=stop - start,
-                         key=jax.random.fold_in(key, index), save_every=steps,
-                         brownian_dt=cfg.T / cfg.convergence_steps, stop_norm=cfg.stop_norm).to_numpy()
+        def compute(start, stop):
+            return solve(cfg.V0, params, T=cfg.T, dt=cfg.T / steps, num_paths=stop - start, key=key,
+                         first_path=start, save_every=steps, brownian_dt=cfg.T / cfg.convergence_steps,
+                         stop_norm=cfg.stop_norm, chunk_size=self.resources.sde_batch).to_numpy()
 
         return self._last_states(name, total, cfg.T, compute)
 
@@ -176,7 +231,7 @@ class Runner:
         from tqdm.auto import tqdm  # noqa: PLC0415  (progress is optional)
 
         chunks = sum(-(-self._count(u) // self.cfg.chunk) for u in units)
-        with tqdm(total=chunks, desc="chunks", disable=not self.progress) as bar:
+        with tqdm(total=chunks, desc="chunks", disable=not (self.progress and is_writer())) as bar:
             self._bar = bar
             out = {u: run[u[0]](*u[1:]) for u in units}
         self._bar = None

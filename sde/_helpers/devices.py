@@ -14,7 +14,7 @@ function over sample indices the same way:
   whatever the number of devices;
 - in a run over several processes (:mod:`sde._helpers.processes`) the mesh spans the devices
   of every process: each process feeds its devices' shares and every process receives the
-  whole result (docs/experiments.md §6).
+  whole result (docs/experiments.md §4).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """One run over several processes (hosts): joining them, the one writer, sharing host data
-(docs/experiments.md §6).
+(docs/experiments.md §4).
 
 JAX runs one process per host, joined by ``jax.distributed``; every process runs the same
 program (SPMD), and the sample axis of each compiled call is split over the devices of all
@@ -16,6 +16,7 @@ from typing import Callable, Optional, TypeVar
 
 import jax
 import numpy as np
+from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
 
 from .validation import check_int
 
@@ -29,7 +30,7 @@ def _check_coordinator(coordinator: str) -> str:
     return str(coordinator)
 
 
-def join(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+def join_processes(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
          process_id: Optional[int] = None, timeout_s: int = 300) -> int:
     """Join a multi-process run with ``jax.distributed.initialize``; return the process count.
 
@@ -39,9 +40,10 @@ def join(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
       Kubernetes) joins the processes of a detected cluster; elsewhere the run stays
       single-process, as with ``num_processes=1``.
 
-    Must run before any JAX computation. On CPU the processes exchange data through gloo
-    (``jax_cpu_collectives_implementation``), so a run can be tried on one machine over
-    127.0.0.1. Joining twice is a no-op.
+    Joining must come before any JAX computation: once this process has used JAX, detection
+    is skipped (the run stays as it is) and explicit arguments are refused. On CPU the
+    processes exchange data through gloo (``jax_cpu_collectives_implementation``), so a run can
+    be tried on one machine over 127.0.0.1. Joining twice is a no-op.
     """
     given = [v is not None for v in (coordinator, num_processes, process_id)]
     if num_processes is not None:
@@ -53,6 +55,10 @@ def join(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
     if any(given) and not all(given):
         raise ValueError("coordinator, num_processes and process_id go together: give all three "
                          "or none (JAX then detects a cluster itself)")
+    if xla_bridge.backends_are_initialized():  # jax.distributed cannot join any more
+        if all(given):
+            raise ValueError("join_processes must run before any JAX computation in this process")
+        return jax.process_count()
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if all(given):
         check_int("process_id", process_id, lo=0, hi=num_processes - 1)

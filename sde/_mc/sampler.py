@@ -132,11 +132,16 @@ class FiniteSampler:
                           start, stop, size, num_shards(self.mesh), progress)
 
 
-def default_chunk_size(cfg: BlockConfig, depth: int, sampler: str, budget_bytes: float = 2e9) -> int:
+def sample_bytes(cfg: BlockConfig, m: int, depth: int, sampler: str) -> int:
+    """Working memory of one sample of ``m`` tokens on its device: a layer's weights
+    (``"weights"``) or features, and its ``V_0 .. V_depth`` (an estimate)."""
+    n, itemsize = cfg.width, jnp.dtype(cfg.param_dtype).itemsize
+    return ((8 * n * n if sampler == "weights" else 64 * n) + (depth + 1) * m * m) * itemsize
+
+
+def default_chunk_size(cfg: BlockConfig, m: int, depth: int, sampler: str, budget_bytes: float = 2e9) -> int:
     """Samples per chunk so that a chunk's working set stays near ``budget_bytes``."""
-    n, m_bytes = cfg.width, jnp.dtype(cfg.param_dtype).itemsize
-    per_sample = (8 * n * n if sampler == "weights" else 64 * n) * m_bytes + 8 * depth * 64
-    return int(max(1, min(4096, budget_bytes // per_sample)))
+    return int(max(1, min(4096, budget_bytes // sample_bytes(cfg, m, depth, sampler))))
 
 
 def simulate_finite(
@@ -177,7 +182,7 @@ def simulate_finite(
     check_number("stop_norm", stop_norm)
     runner = FiniteSampler(V0, config, width=width, depth=depth, sampler=sampler, key_width=key_width)
     if chunk_size is None:
-        chunk_size = default_chunk_size(runner.cfg, depth, runner.sampler)
+        chunk_size = default_chunk_size(runner.cfg, runner.x0.shape[0], depth, runner.sampler)
     V = runner.chunk(key, 0, num_samples, chunk_size=chunk_size,
                      progress=f"finite ({runner.sampler})" if progress else None)
     return stop_samples(V, width, stop_norm)
