@@ -28,9 +28,6 @@ import numpy as np
 
 import _common
 import sde
-from sde._experiment.analysis import EIG_BOUNDS, MIN_CURVE_SAMPLES, RESOLVED_OVER_FLOOR
-from sde._experiment.convergence import STATISTICS
-from sde._experiment.run import OUTPUTS
 from sde._helpers.processes import agree
 
 PRESETS = {
@@ -87,6 +84,8 @@ def prepare(argv=None):
 
         jax.config.update("jax_enable_x64", True)
     sde.check_resources(cfg)
+    from sde._experiment.run import OUTPUTS  # noqa: PLC0415  (loads the solvers: not for --help)
+
     return cfg, agree(lambda: _common.open_run(out, cfg, overwrite, OUTPUTS))
 
 
@@ -104,6 +103,8 @@ def execute(cfg: sde.ExperimentConfig, run) -> int:
 
 def figures(result: sde.ExperimentResult, run) -> None:
     """The density of rho_12 at T, per-layer curves, and the sweeps' figures."""
+    from sde._experiment.analysis import MIN_CURVE_SAMPLES, RESOLVED_OVER_FLOOR  # noqa: PLC0415
+
     plt = _common.pyplot()
     cfg, metrics, arrays = result.config, result.metrics, result.arrays
     stopped = metrics["stopped_count"]
@@ -184,6 +185,8 @@ def convergence_figure(wc: dict, run, plt) -> None:
     filled: fitted; bars: 1 SE), the fitted C n^-p, the ReLU-factor term the theory predicts at
     order n^-1/2, the bias without it (crosses) and the SDE's remaining time-step bias
     (docs/finite_width.md §7)."""
+    from sde._experiment.convergence import STATISTICS  # noqa: PLC0415
+
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
     fig.subplots_adjust(hspace=0.35, wspace=0.3)
     n = np.asarray(wc["widths"], float)
@@ -219,6 +222,8 @@ def convergence_figure(wc: dict, run, plt) -> None:
 def stability_figure(cfg: sde.ExperimentConfig, rows: list, run, plt) -> None:
     """Paper Fig. 5: the layer where an eigenvalue of V leaves EIG_BOUNDS against gamma, per
     tau0 (median, bars: quartiles), and the fraction of samples that left by the last layer."""
+    from sde._experiment.analysis import EIG_BOUNDS  # noqa: PLC0415
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     bounds = f"[{EIG_BOUNDS[0]:g}, {EIG_BOUNDS[1]:g}]"
     for k, tau in enumerate(sorted(cfg.stability_tau0s)):
@@ -247,6 +252,9 @@ def stability_figure(cfg: sde.ExperimentConfig, rows: list, run, plt) -> None:
 
 def report(result: sde.ExperimentResult) -> None:
     """The headline numbers, one line each."""
+    from sde._experiment.analysis import RESOLVED_OVER_FLOOR  # noqa: PLC0415
+    from sde._experiment.convergence import STATISTICS  # noqa: PLC0415
+
     metrics, out = result.metrics, result.path
     stopped = metrics["stopped_fraction"]
     if metrics["ks_rho"] is None:

@@ -23,9 +23,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from shaped_attn.blocks import Block
 from shaped_attn.config import BlockConfig
 from shaped_attn.functional import block_apply
 
@@ -64,6 +62,10 @@ def layer(cfg: BlockConfig, sampler: str, x: jax.Array, key: jax.Array) -> jax.A
     elif sampler == "gram":
         maps = gram_maps(cfg, key, x.shape[-2])
     else:
+        from flax import nnx  # noqa: PLC0415  (flax only where modules are built)
+
+        from shaped_attn.blocks import Block  # noqa: PLC0415
+
         maps = Block(cfg, rngs=nnx.Rngs(params=key)).maps()
     return block_apply(cfg, x, maps=maps)
 
