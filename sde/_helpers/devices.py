@@ -80,6 +80,10 @@ def _call_across_processes(compiled: Callable, mesh: Mesh, batched, shared):
     from jax.experimental import multihost_utils  # noqa: PLC0415  (multi-process runs only)
 
     def global_array(x, spec):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys travel as their data
+            impl = jax.random.key_impl(x)
+            data = global_array(jax.random.key_data(x), PartitionSpec(*spec, None))
+            return jax.random.wrap_key_data(data, impl=impl)
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
 

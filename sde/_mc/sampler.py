@@ -127,11 +127,13 @@ class FiniteSampler:
               chunk_size: Optional[int] = None, progress: Optional[str] = None) -> np.ndarray:
         """``V`` of samples ``start..stop-1``, ``(stop - start, depth + 1, m, m)``, from the
         input tokens ``tokens`` (default: those of ``V0``), computed in compiled calls of
-        ``chunk_size`` samples (default: all at once); ``progress``: a tqdm description."""
+        ``chunk_size`` samples per device (default: all at once, split over the devices);
+        ``progress``: a tqdm description."""
         x0 = self.x0 if tokens is None else tokens
-        size = stop - start if chunk_size is None else check_int("chunk_size", chunk_size)
+        shards = num_shards(self.mesh)
+        size = -(-(stop - start) // shards) if chunk_size is None else check_int("chunk_size", chunk_size)
         return map_chunks(lambda idx: np.asarray(self._run(sample_keys(key, idx), x0)),
-                          start, stop, size, num_shards(self.mesh), progress)
+                          start, stop, size, shards, progress)
 
 
 def sample_bytes(cfg: BlockConfig, m: int, depth: int, sampler: str) -> int:

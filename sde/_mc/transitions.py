@@ -239,7 +239,8 @@ def one_layer(block: BlockLike, V: Array, width: int, sampler: str = "gram",
     V0 = V if isinstance(block, GramTransition) else gram(state)
 
     def draw(key, start, stop):
+        shards = num_shards(mesh)
         return map_chunks(lambda idx: np.asarray(fn(sample_keys(key, idx), state)), start, stop,
-                          stop - start, num_shards(mesh))
+                          -(-(stop - start) // shards), shards)
 
     return np.asarray(V0), draw
