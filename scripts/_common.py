@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import math
 import os
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -179,6 +181,21 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def import_in_background(*modules: str, figures: bool = True) -> threading.Thread:
+    """Import ``modules`` (and, with ``figures``, :func:`pyplot`) in a daemon thread, so that
+    their import overlaps the run's compilation and computation instead of following it (a
+    later import in the main thread waits for the thread's)."""
+    def load():
+        for name in modules:
+            importlib.import_module(name)
+        if figures:
+            pyplot()
+
+    thread = threading.Thread(target=load, name="import_in_background", daemon=True)
+    thread.start()
+    return thread
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:

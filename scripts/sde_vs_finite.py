@@ -91,6 +91,7 @@ def prepare(argv=None):
 
 def execute(cfg: sde.ExperimentConfig, run) -> int:
     _common.use_compile_cache()
+    _common.import_in_background("scipy.stats", figures=run is not None)  # used after the work
     result = sde.run_experiment(cfg, run, progress=True)
     if run is not None:  # the writing process
         figures(result, run)
