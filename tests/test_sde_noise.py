@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import sde
-from sde._helpers.linalg import eigh_factor, factor_and_check, psd_factor
+from sde._helpers.linalg import SMALL_CHOLESKY_M, eigh_factor, factor_and_check, psd_factor, small_cholesky
 from sde._theory.coefficients import acal, attention_gram, sigma_lin
 from sde._theory.noise import attention_factor, generic_noise, noise_dim, noise_from_normals, sample_noise_generic, structured_noise
 from helpers import random_psd, se_mean
@@ -144,7 +144,8 @@ def test_boundary_psd(name):
     # a batch mixing boundary and interior matrices: Cholesky where it works, eigh elsewhere
     Vi = jnp.asarray(random_psd(np.random.default_rng(1), V.shape[0]))
     Lb, okb = factor_and_check(jnp.stack([Vi, V]), 1e-12, "cholesky")
-    np.testing.assert_array_equal(np.asarray(Lb[0]), np.asarray(jnp.linalg.cholesky(Vi)))
+    # (the unrolled small-m Cholesky: LAPACK's factor to rounding, not the eigh factor)
+    np.testing.assert_allclose(np.asarray(Lb[0]), np.asarray(jnp.linalg.cholesky(Vi)), rtol=1e-13, atol=1e-15)
     np.testing.assert_allclose(Lb[1] @ Lb[1].T, V, atol=1e-12)
     assert np.all(np.asarray(okb))
     # slightly indefinite V: the check fails below -tol, passes above
@@ -160,6 +161,33 @@ def test_boundary_psd(name):
         u = Q[:, 0]
         assert abs(w[0]) < 1e-12
         assert float(jnp.max(jnp.abs(jnp.einsum("i,pij,j->p", u, N, u)))) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_small_cholesky_matches_lapack_and_falls_back(dtype):
+    """The unrolled factor of m <= SMALL_CHOLESKY_M equals LAPACK's to rounding, flags exactly
+    the matrices LAPACK fails on (singular, indefinite, non-finite), and factor_and_check then
+    takes the eigh fallback for them (on both sides of the size threshold)."""
+    rng = np.random.default_rng(5)
+    eps = np.finfo(dtype).eps
+    for m in range(2, SMALL_CHOLESKY_M + 2):
+        V = np.stack([random_psd(rng, m) for _ in range(16)]).astype(dtype)
+        L, ok = small_cholesky(jnp.asarray(V))
+        assert L.dtype == dtype and np.all(np.asarray(ok))
+        ref = np.asarray(jnp.linalg.cholesky(jnp.asarray(V)))
+        np.testing.assert_allclose(np.asarray(L), ref, rtol=0, atol=50 * eps * np.abs(ref).max())
+        u = rng.standard_normal(m)
+        bad = np.stack([np.outer(u, u), -np.eye(m), np.full((m, m), np.nan), np.diag([np.inf] + [1.0] * (m - 1))])
+        _, okb = small_cholesky(jnp.asarray(bad, dtype))
+        lapack_ok = np.all(np.isfinite(np.asarray(jnp.linalg.cholesky(jnp.asarray(bad, dtype)))), axis=(1, 2))
+        assert not np.any(np.asarray(okb)) and not np.any(lapack_ok)
+        # singular PSD (rank 1): the fallback factors it exactly and the PSD check passes
+        Vb = jnp.asarray(np.stack([V[0], np.outer(u, u)]).astype(dtype))
+        Lf, okf = factor_and_check(Vb, 10 * eps * np.abs(u).max() ** 2, "cholesky")
+        assert np.all(np.asarray(okf))
+        np.testing.assert_allclose(np.asarray(Lf[0]), ref[0], rtol=0, atol=50 * eps * np.abs(ref[0]).max())
+        np.testing.assert_allclose(np.asarray(Lf[1] @ jnp.swapaxes(Lf[1], -1, -2)), np.outer(u, u),
+                                   atol=100 * eps * np.abs(u).max() ** 2)
 
 
 def _mc_check(draws_vec, S, n_se=5.0):
