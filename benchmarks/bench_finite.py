@@ -18,6 +18,10 @@ Transformer of docs/model.md §1, float32, m tokens, width n, key width n_k = n)
 Every compiled function is built ahead of time (``lower().compile()``, timed separately) and
 timed as the median of repeats after a warm-up call.
 
+``fig1_floor``: the reduced sampler at the Fig. 1 size with 4096 samples in one call (1024 in
+quick mode) against the time to draw its normals alone with its keys
+(``rng_floor.reduced_floor``): ``ratios.finite_rng_floor_fraction`` = floor / actual.
+
 Also: gram-sampler cost against width (64 .. 4096) with a log-log fitted exponent, achieved
 GFLOP/s of the gram sampler against a large-matmul peak measured in the same process, and the
 random-number throughput (the gram and weights samplers both spend most of their time there).
@@ -37,6 +41,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from common import GAMMA, RHO0, aot_compile, fit_power, time_calls
+from rng_floor import reduced_floor
 
 from sde import FiniteSampler
 from sde._helpers.devices import num_shards, sample_keys
@@ -228,6 +233,16 @@ def run(quick: bool = False, log=print, smoke: bool = False) -> dict:
     log(f"  fig1 size (m {fig1['m']}, n {fig1['width']}, d {fig1['depth']}, S {S1}): gram {f1['gram']:.4g}, reduced {f1['reduced']:.4g} "
         f"samples*layers/s ({f1['reduced'] / f1['gram']:.2f}x)")
 
+    S_floor = 8 if smoke else 1024 if quick else 4096
+    actual = sampler_rate("reduced", **fig1, samples=S_floor, repeats=reps)
+    floor = reduced_floor(sized_config(block_config(), fig1["width"], None, jnp.float32), m=fig1["m"],
+                          depth=fig1["depth"], samples=actual["samples"], repeats=reps)
+    out["fig1_floor"] = {"reduced": actual, "floor": floor, "floor_fraction": floor["median_s"] / actual["median_s"],
+                         "with_chi_square_fraction": floor["with_chi_square_median_s"] / actual["median_s"]}
+    log(f"  RNG floor, reduced sampler at fig1 size, {actual['samples']} samples: actual {actual['median_s']:.2f} s, "
+        f"normals {floor['median_s']:.2f} s (fraction {out['fig1_floor']['floor_fraction']:.2f}; with chi-squares "
+        f"{out['fig1_floor']['with_chi_square_fraction']:.2f})")
+
     out["matmul_peak"] = matmul_peak(256 if smoke else 2048 if quick else 4096)
     out["rng"] = rng_throughput(1 << 16 if smoke else 1 << 22)
     flops = gram_layer_flops(m, n)
@@ -270,7 +285,8 @@ def run(quick: bool = False, log=print, smoke: bool = False) -> dict:
     out["ratios"] = {"finite_gram_vs_weights": g / w, "finite_weights_vs_loop": w / lp,
                      "finite_gram_vs_loop": g / lp,
                      "finite_reduced_vs_gram": out["reduced"]["samples_layers_per_s"] / g,
-                     "finite_reduced_vs_gram_fig1": f1["reduced"] / f1["gram"]}
+                     "finite_reduced_vs_gram_fig1": f1["reduced"] / f1["gram"],
+                     "finite_rng_floor_fraction": out["fig1_floor"]["floor_fraction"]}
     return out
 
 

@@ -26,6 +26,12 @@ Routes (``rows``, one per (route, m); ``noise`` names the route):
 ``numpy_generic``), ``sde_structured_vs_numpy_structured_m8``. ``m64_target``: one timed
 solve of 1000 paths x 500 steps at m = 64 (target: under 60 s). ``profile``: factor and chunk
 size variants used to choose the defaults.
+
+``rng_floor``: at m = 3 and m = 8, 16384 paths on the Fig. 1 grid (dt = 0.005, 150 steps; 30 in
+quick mode at m = 8), the solve's time against the time to draw its normals alone with the
+solver's keys (``rng_floor.sde_floor``); ``ratios.sde_rng_floor_fraction_m3`` / ``_m8`` =
+floor / solve, and ``sde_bulk_floor_fraction_m3`` / ``_m8`` the same against one bulk
+``jax.random.normal`` call (no per-draw keys).
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ import importlib  # noqa: E402
 import sde  # noqa: E402
 import numpy_baselines  # noqa: E402
 from sde._helpers.devices import map_chunks, sample_keys  # noqa: E402
+from sde._theory.noise import noise_dim  # noqa: E402
+from rng_floor import sde_floor  # noqa: E402
 
 SOLVE = importlib.import_module("sde._theory.solve")  # the module (``sde.solve`` is the function)
 
@@ -81,10 +89,11 @@ def sde_rate(
     chunk_size="auto",
     dtype=np.float32,
     warmup_steps: int = 2,
+    dt: float = DT,
 ) -> dict:
     """Path-steps/s of ``sde.solve`` (AOT-compiled chunk program, median of repeats)."""
     plan = SOLVE._plan_solve(
-        _v0(m, dtype), _params(), T=steps * DT, dt=DT, num_paths=paths, key=jax.random.key(0),
+        _v0(m, dtype), _params(), T=steps * dt, dt=dt, num_paths=paths, key=jax.random.key(0),
         save_every=steps, noise=noise, stop_norm=1e4, psd_tol=None, factor=factor,
         brownian_dt=None, deterministic=False,
     )
@@ -116,6 +125,7 @@ def sde_rate(
         "m": m,
         "noise": noise,
         "factor": factor,
+        "dt": dt,
         "dtype": np.dtype(dtype).name,
         "paths": paths,
         "steps": steps,
@@ -192,6 +202,21 @@ NUMPY_GENERIC_STEPS = {2: 20, 4: 10, 8: 5, 16: 1}
 NUMPY_STRUCTURED_STEPS = {2: 50, 4: 50, 8: 40, 16: 20, 32: 10, 64: 3}
 
 
+FLOOR_PATHS = 16384
+FLOOR_DT = 0.005  # the Fig. 1 grid: T = 0.75, 150 steps
+
+
+def floor_row(m: int, steps: int, repeats: int) -> dict:
+    """The structured solve of ``FLOOR_PATHS`` paths on the Fig. 1 grid against its RNG floor."""
+    row = sde_rate(m, "structured", steps, repeats=repeats, paths=FLOOR_PATHS, dt=FLOOR_DT)
+    floor = sde_floor(noise_dim(m, _params()), paths=FLOOR_PATHS, steps=steps, chunk=row["chunk_size"],
+                      repeats=repeats)
+    bulk_s = floor["normals"] / floor["bulk_normals_per_s"]
+    return {"m": m, "paths": FLOOR_PATHS, "steps": steps, "dt": FLOOR_DT, "solve": row, "floor": floor,
+            "floor_fraction": floor["median_s"] / row["median_s"],
+            "bulk_floor_fraction": bulk_s / row["median_s"]}
+
+
 def run(quick: bool = False, log=print) -> dict:
     """Run the SDE benchmark; returns the results dict (see the module docstring)."""
     t_start = time.perf_counter()
@@ -224,6 +249,13 @@ def run(quick: bool = False, log=print) -> dict:
         "sde_structured_vs_numpy_m8": rate("structured", 8) / rate("numpy_generic", 8),
         "sde_structured_vs_numpy_structured_m8": rate("structured", 8) / rate("numpy_structured", 8),
     }
+    floors = {}
+    for m in (3, 8):
+        floors[f"m{m}"] = f = floor_row(m, 30 if (quick and m == 8) else 150, repeats)
+        ratios[f"sde_rng_floor_fraction_m{m}"] = f["floor_fraction"]
+        ratios[f"sde_bulk_floor_fraction_m{m}"] = f["bulk_floor_fraction"]
+        log(f"  RNG floor m={m}: solve {f['solve']['median_s']:.2f} s, floor {f['floor']['median_s']:.2f} s "
+            f"(fraction {f['floor_fraction']:.2f}; bulk-draw fraction {f['bulk_floor_fraction']:.2f})")
     log(f"  ratios: {ratios}")
 
     # The m = 64 target: 1000 paths x 500 steps (one timed solve after compile + short warm-up).
@@ -270,6 +302,7 @@ def run(quick: bool = False, log=print) -> dict:
                     "XLA's intra-op threads; timings depend on the machine's load (machine.load_average_1m_at_start).",
         },
         "rows": rows,
+        "rng_floor": floors,
         "ratios": ratios,
         "m64_target": m64,
         "profile": profile,

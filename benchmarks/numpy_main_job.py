@@ -171,37 +171,52 @@ def _flags(settings: dict) -> list[str]:
     return out
 
 
-def compare_with_main_job(quick: bool = False, log=print, smoke: bool = False) -> dict:
-    """Wall time of this NumPy job and of ``scripts/sde_vs_finite.py`` at the fig1 target settings.
+def _median_wall(cmd_of, repeats: int, timeout: float) -> tuple[list[float], dict]:
+    """Wall times of ``repeats`` fresh processes ``cmd_of(i)`` (and the last one's stats)."""
+    from common import run_process
 
-    Both run as fresh subprocesses (start-up, imports and, for JAX, compilation included; the
-    JAX job also writes its figures and files). ``quick`` halves ``samples`` and ``sde_paths``
-    for both. Also records each job's KS(rho) and the cross-check KS statistics between the
-    NumPy and JAX samples (finite vs finite, SDE vs SDE), which should be at the sampling level.
-    """
-    import tempfile
+    walls, last = [], {}
+    for i in range(repeats):
+        _, last = run_process(cmd_of(i), timeout=timeout)
+        walls.append(last["wall_s"])
+    return walls, last
 
-    from common import ROOT, run_process
 
-    settings = dict(FIG1_TARGET)
-    if quick:
-        settings["samples"] //= 2
-        settings["sde_paths"] //= 2
-    if smoke:  # tiny: exercises the code only
-        settings.update(width=16, depth=8, samples=64, sde_paths=128, dt=0.05)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_main_job_"))
-    jax_cmd = [sys.executable, str(ROOT / "scripts" / "sde_vs_finite.py"), *_flags(settings),
-               "--sweep-widths", "--out", str(tmp / "jax"), "--overwrite"]
-    _, pj = run_process(jax_cmd, timeout=1200)
-    log(f"  main job (JAX): {pj['wall_s']:.1f} s")
+def startup_time(repeats: int = 3) -> dict:
+    """Wall time of ``scripts/sde_vs_finite.py --help`` in a fresh process (start-up and imports
+    up to the first work), median of ``repeats``."""
+    from common import ROOT
+
+    walls, _ = _median_wall(lambda i: [sys.executable, str(ROOT / "scripts" / "sde_vs_finite.py"), "--help"],
+                            repeats, 300)
+    return {"command": "scripts/sde_vs_finite.py --help", "wall_s": float(np.median(walls)), "walls_s": walls}
+
+
+def compare_at(settings: dict, tmp: Path, repeats: int, log=print) -> dict:
+    """Wall time of the JAX main job and of this NumPy job at ``settings``, each the median of
+    ``repeats`` fresh processes. The JAX job runs once more first, untimed, so that the timed
+    runs find a warm compile cache (as a user's second run does); each timed run writes to a
+    fresh ``--out``. Also each job's KS(rho) and the NumPy-vs-JAX cross-check KS statistics
+    (finite vs finite, SDE vs SDE), which should be at the sampling level."""
+    from common import ROOT
+
+    def jax_cmd(i):
+        return [sys.executable, str(ROOT / "scripts" / "sde_vs_finite.py"), *_flags(settings),
+                "--sweep-widths", "--out", str(tmp / f"jax{i}"), "--overwrite"]
+
+    _median_wall(lambda i: jax_cmd("warm"), 1, 1800)
+    jw, pj = _median_wall(jax_cmd, repeats, 1800)
+    log(f"  main job (JAX), {settings['samples']} samples + {settings['sde_paths']} paths: "
+        + ", ".join(f"{w:.1f}" for w in jw) + " s")
     np_cmd = [sys.executable, str(Path(__file__).resolve()), *_flags(settings),
               "--json", str(tmp / "numpy.json"), "--npz", str(tmp / "numpy.npz")]
-    _, pn = run_process(np_cmd, timeout=1800)
-    log(f"  main job (NumPy): {pn['wall_s']:.1f} s")
-    jm = json.loads((tmp / "jax" / "metrics.json").read_text())
-    jt = json.loads((tmp / "jax" / "timings.json").read_text())
+    nw, pn = _median_wall(lambda i: np_cmd, repeats, 3600)
+    log("  main job (NumPy): " + ", ".join(f"{w:.1f}" for w in nw) + " s")
+    last = tmp / f"jax{repeats - 1}"
+    jm = json.loads((last / "metrics.json").read_text())
+    jt = json.loads((last / "timings.json").read_text())
     nm = json.loads((tmp / "numpy.json").read_text())
-    a, b = np.load(tmp / "numpy.npz"), np.load(tmp / "jax" / "results.npz")
+    a, b = np.load(tmp / "numpy.npz"), np.load(last / "results.npz")
     cross = {}
     for side in ("finite", "sde"):
         x = a[f"rho_{side}"][~a[f"stopped_{side}"]]
@@ -211,21 +226,49 @@ def compare_with_main_job(quick: bool = False, log=print, smoke: bool = False) -
                        "ks_noise_floor": 0.8687 * math.sqrt(1 / len(x) + 1 / len(y))}
     return {
         "settings": settings,
-        "reduced": quick or smoke,
-        "note": ("smoke test: tiny sizes, the ratio means nothing" if smoke
-                 else "quick mode: samples and sde_paths halved for both jobs" if quick
-                 else "the fig1 target settings of issue 4"),
-        "jax_command": " ".join(jax_cmd[1:]),
+        "repeats": repeats,
+        "jax_command": " ".join(jax_cmd("N")[1:]),
         "numpy_command": " ".join(np_cmd[1:]),
-        "jax": {"wall_s": pj["wall_s"], "max_rss_mb": pj["max_rss_mb"], "timings": jt,
+        "jax": {"wall_s": float(np.median(jw)), "walls_s": jw, "max_rss_mb": pj["max_rss_mb"], "timings": jt,
                 "ks_rho": jm.get("ks_rho"), "w1_rho": jm.get("w1_rho")},
-        "numpy": {"wall_s": pn["wall_s"], "max_rss_mb": pn["max_rss_mb"], "timings": nm["timings"],
-                  "ks_rho": nm["ks_rho"], "w1_rho": nm["w1_rho"], "dtype": nm["config"]["dtype"],
-                  "sde_noise": nm["config"]["sde_noise"]},
+        "numpy": {"wall_s": float(np.median(nw)), "walls_s": nw, "max_rss_mb": pn["max_rss_mb"],
+                  "timings": nm["timings"], "ks_rho": nm["ks_rho"], "w1_rho": nm["w1_rho"],
+                  "dtype": nm["config"]["dtype"], "sde_noise": nm["config"]["sde_noise"]},
         "cross_check_numpy_vs_jax": cross,
-        "ratios": {"main_job_numpy_over_jax": pn["wall_s"] / pj["wall_s"],
-                   "main_job_numpy_over_jax_compute_only": nm["timings"]["total_s"] / jt["total_s"]},
+        "numpy_over_jax": float(np.median(nw)) / float(np.median(jw)),
+        "numpy_over_jax_compute_only": nm["timings"]["total_s"] / jt["total_s"],
     }
+
+
+def compare_with_main_job(quick: bool = False, log=print, smoke: bool = False) -> dict:
+    """The main job against this NumPy job at the fig1 target and at 4x its samples and paths
+    (:func:`compare_at`), and the main job's start-up time (:func:`startup_time`).
+
+    ``quick`` halves ``samples`` and ``sde_paths`` at both sizes and times one run of each
+    job (full: the median of 3); ``smoke`` uses tiny sizes (the ratios mean nothing)."""
+    import tempfile
+
+    settings = dict(FIG1_TARGET)
+    if quick:
+        settings["samples"] //= 2
+        settings["sde_paths"] //= 2
+    if smoke:  # tiny: exercises the code only
+        settings.update(width=16, depth=8, samples=64, sde_paths=128, dt=0.05)
+    large = dict(settings, samples=4 * settings["samples"], sde_paths=4 * settings["sde_paths"])
+    repeats = 1 if quick or smoke else 3
+    tmp = Path(tempfile.mkdtemp(prefix="bench_main_job_"))
+    out = {"reduced": quick or smoke,
+           "note": ("smoke test: tiny sizes, the ratios mean nothing" if smoke
+                    else "quick mode: samples and sde_paths halved for both jobs, one timed run each" if quick
+                    else "the fig1 target settings of issue 4, and 4x its samples and paths; medians of 3 runs"),
+           "startup": startup_time(1 if smoke else 3)}
+    log(f"  start-up (--help): {out['startup']['wall_s']:.2f} s")
+    out["fig1"] = compare_at(settings, tmp / "fig1", repeats, log)
+    out["x4"] = compare_at(large, tmp / "x4", repeats, log)
+    out["ratios"] = {"main_job_numpy_over_jax": out["fig1"]["numpy_over_jax"],
+                     "main_job_numpy_over_jax_compute_only": out["fig1"]["numpy_over_jax_compute_only"],
+                     "main_job_numpy_over_jax_4x": out["x4"]["numpy_over_jax"]}
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

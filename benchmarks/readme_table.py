@@ -21,11 +21,15 @@ RATIO_ROWS = (
     ("sde_structured_vs_generic_m8", "SDE path-steps/s, structured vs generic noise (m = 8, 1000 paths)"),
     ("sde_structured_vs_numpy_m8", "SDE path-steps/s, structured (JAX) vs NumPy Euler (m = 8, 1000 paths)"),
     ("finite_gram_vs_weights", "finite samples x layers/s, gram vs real-weights vmap (n = 1024, m = 8, d = 64)"),
-    ("finite_weights_vs_loop", "finite samples x layers/s, real-weights vmap vs per-sample loop (same)"),
+    ("finite_weights_vs_loop", "finite samples x layers/s, real-weights vmap vs per-sample loop (same; bounded by the RNG)"),
     ("compile_d512_over_d8", "compile time of the scanned Stack forward, depth 512 / depth 8"),
     ("finite_reduced_vs_gram", "finite samples x layers/s, reduced vs gram sampler (n = 1024, m = 8, d = 64)"),
     ("finite_reduced_vs_gram_fig1", "finite samples x layers/s, reduced vs gram sampler (fig1: n = 200, m = 3, d = 150)"),
     ("main_job_numpy_over_jax", "main job wall time at the fig1 settings, NumPy / JAX (sizes in the figures table)"),
+    ("main_job_numpy_over_jax_4x", "main job wall time at 4x the fig1 samples and paths, NumPy / JAX"),
+    ("sde_rng_floor_fraction_m3", "SDE at m = 3 (16384 paths, fig1 grid): RNG floor / solve time"),
+    ("sde_rng_floor_fraction_m8", "SDE at m = 8 (same): RNG floor / solve time"),
+    ("finite_rng_floor_fraction", "reduced finite sampler at fig1 size (4096 samples): RNG floor / time"),
 )
 
 
@@ -51,7 +55,13 @@ def machine_line(r: dict, source: str) -> str:
         hw = f"{m['device_count']} x {m['device_kind']} ({m['platform']}), host {m['cpu_model']}"
     mode = "smoke" if r.get("smoke") else "quick" if r.get("quick") else "full"
     return (f"Measured on {hw}; jax {m['jax']}; {mode} run of `benchmarks/run.py` on "
-            f"{r['created'][:10]} (`{source}`). Ratios are measured within that one run.")
+            f"{r['created'][:10]} (`{source}`){_load(m)}. Ratios are measured within that one run.")
+
+
+def _load(m: dict) -> str:
+    loads = [f"{m[k]:.1f} at {w}" for k, w in (("load_average_1m_at_start", "start"),
+                                               ("load_average_1m_at_end", "end")) if k in m]
+    return f", 1-min load average {' and '.join(loads)}" if loads else ""
 
 
 def _headline(r: dict) -> str:
@@ -103,12 +113,34 @@ def figures_table(r: dict) -> list[str]:
                      ", ".join(f"d = {x['depth']}: {x['total_s']:.2f} s" for x in comp["stack_forward"])))
     mj = s.get("main_job")
     if mj:
-        st = mj["settings"]
         note = " (reduced sizes)" if mj.get("reduced") else ""
-        rows.append((f"main job, {st['samples']} samples + {st['sde_paths']} SDE paths{note}: JAX / NumPy wall time",
-                     f"{_g(_get(mj, 'jax', 'wall_s'), '.1f', ' s')} / {_g(_get(mj, 'numpy', 'wall_s'), '.1f', ' s')}"))
+        for size in ("fig1", "x4"):
+            c = mj.get(size)
+            if c:
+                st = c["settings"]
+                rows.append((f"main job, {st['samples']} samples + {st['sde_paths']} SDE paths{note}: JAX / NumPy wall time",
+                             f"{_g(_get(c, 'jax', 'wall_s'), '.1f', ' s')} / {_g(_get(c, 'numpy', 'wall_s'), '.1f', ' s')}"))
+        c = mj.get("fig1", {})
         rows.append(("main job KS(rho), JAX / NumPy",
-                     f"{_g(_get(mj, 'jax', 'ks_rho'), '.4f')} / {_g(_get(mj, 'numpy', 'ks_rho'), '.4f')}"))
+                     f"{_g(_get(c, 'jax', 'ks_rho'), '.4f')} / {_g(_get(c, 'numpy', 'ks_rho'), '.4f')}"))
+        rows.append(("main job start-up (`scripts/sde_vs_finite.py --help`, fresh process)",
+                     _g(_get(mj, "startup", "wall_s"), ".2f", " s")))
+    mc = _get(comp, "main_job") if comp else None
+    if mc:
+        rows.append(("main job programs compiled from scratch (finite / SDE, trace + lower + XLA)",
+                     " / ".join(_g(mc[k]["lower_s"] + mc[k]["compile_s"], ".1f", " s") for k in ("finite", "sde"))))
+    floors = _get(sde, "rng_floor") if sde else None
+    for key, f in (floors or {}).items():
+        rows.append((f"SDE {key.replace('m', 'm = ')}, {f['paths']} paths x {f['steps']} steps: solve / RNG floor "
+                     "(its normals, its keys) / one bulk draw",
+                     f"{f['solve']['median_s']:.2f} s / {f['floor']['median_s']:.2f} s / "
+                     f"{f['floor']['normals'] / f['floor']['bulk_normals_per_s']:.2f} s"))
+    ff = _get(fin, "fig1_floor") if fin else None
+    if ff:
+        rows.append((f"reduced sampler at fig1 size, {ff['reduced']['samples']} samples: time / RNG floor "
+                     "(normals; with chi-squares)",
+                     f"{ff['reduced']['median_s']:.2f} s / {ff['floor']['median_s']:.2f} s; "
+                     f"{ff['floor']['with_chi_square_median_s']:.2f} s"))
     mem = s.get("memory")
     if mem:
         for mode in ("streaming", "simulate_finite"):
