@@ -29,7 +29,7 @@ RATIO_ROWS = (
     ("main_job_numpy_over_jax_4x", "main job wall time at 4x the fig1 samples and paths, NumPy / JAX"),
     ("sde_rng_floor_fraction_m3", "SDE at m = 3 (16384 paths, fig1 grid): RNG floor / solve time"),
     ("sde_rng_floor_fraction_m8", "SDE at m = 8 (same): RNG floor / solve time"),
-    ("finite_rng_floor_fraction", "reduced finite sampler at fig1 size (4096 samples): RNG floor / time"),
+    ("finite_rng_floor_fraction", "reduced finite sampler at fig1 size (4096 samples, 1024 quick): RNG floor / time"),
 )
 
 
