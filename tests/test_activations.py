@@ -1,6 +1,7 @@
 """Activation registry: formulas (against independent NumPy), masking, extremes, gradients."""
 
 import math
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -150,7 +151,7 @@ def test_polynomial_factory_general_p():
 @pytest.mark.parametrize("name", REQUIRED)
 def test_matches_formula(name, mask_name):
     mask = MASKS[mask_name]
-    s = _scores(hash(name) % 1000)
+    s = _scores(zlib.crc32(name.encode()) % 1000)  # a fixed seed per name (hash() varies by process)
     valid = _valid(mask, s.shape)
     got = np.asarray(act.get(name)(jnp.asarray(s), mask))
     want = np_reference(name, s, valid)

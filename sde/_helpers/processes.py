@@ -55,15 +55,16 @@ def join_processes(coordinator: Optional[str] = None, num_processes: Optional[in
     if any(given) and not all(given):
         raise ValueError("coordinator, num_processes and process_id go together: give all three "
                          "or none (JAX then detects a cluster itself)")
+    if all(given):
+        coordinator = _check_coordinator(coordinator)
+        check_int("process_id", process_id, lo=0, hi=num_processes - 1)
     if xla_bridge.backends_are_initialized():  # jax.distributed cannot join any more
         if all(given):
             raise ValueError("join_processes must run before any JAX computation in this process")
         return jax.process_count()
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if all(given):
-        check_int("process_id", process_id, lo=0, hi=num_processes - 1)
-        jax.distributed.initialize(_check_coordinator(coordinator), num_processes, process_id,
-                                   initialization_timeout=timeout_s)
+        jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s)
         return jax.process_count()
     try:
         with warnings.catch_warnings():  # e.g. Kubernetes without the kubernetes package
