@@ -12,6 +12,7 @@ import pytest
 
 import sde
 from sde._experiment import resources
+from sde._experiment.convergence import slope_width
 from sde._experiment.runner import _groups
 from shaped_attn.rundir import RunDir
 
@@ -62,6 +63,19 @@ def test_results_memory_names_the_larger_side_and_the_numbers(monkeypatch):
         sde.check_resources(sde.ExperimentConfig(samples=100, sde_paths=100_000))
     plan = sde.check_resources(sde.ExperimentConfig(samples=1000, sde_paths=100))
     assert plan.results_bytes == 3 * (1000 * 49 + 100 * 76) * 9 * 4
+
+
+def test_results_memory_counts_every_unit_of_the_plan():
+    cfg = sde.ExperimentConfig(samples=100, sde_paths=50, variants=("unshaped",), gammas=(0.5,), sweep_widths=(32,),
+                               convergence_widths=(4, 8), convergence_samples=70, convergence_paths=30,
+                               convergence_slope_paths=20)
+    assert slope_width(cfg) == 4
+    states = (3 * 100 * 49  # shaped and unshaped at gamma, shaped at 0.5: 49 layers each
+              + 2 * 50 * 76  # SDE at gamma and at 0.5: 76 saves each
+              + 100 * 25  # the sweep width 32 to T = 0.75: 25 layers
+              + 3 * 30 + 20  # last states of the SDE at 96, 48, 24 steps and of the ReLU-scaled one
+              + 2 * 70)  # last layers of widths 4 and 8
+    assert sde.check_resources(cfg).results_bytes == 3 * states * 9 * 4
 
 
 def test_batches_are_lowered_to_fit_a_device_and_refused_below_one(monkeypatch):

@@ -22,7 +22,7 @@ import pytest
 
 import sde
 from sde._experiment import convergence as conv
-from sde._experiment import runner
+from sde._experiment import runner, units
 from sde._experiment.config import ExperimentConfig
 from shaped_attn.rundir import RunDir
 
@@ -215,7 +215,7 @@ def shrinks(wc: dict, names=CHECKED) -> tuple[bool, dict]:
 @functools.lru_cache(maxsize=None)
 def sde_units() -> dict:
     run = runner.Runner(SMALL)
-    return {u: run.conv_sde(*u[1:]) for u in runner.plan(SMALL) if u[0] == "conv_sde"}
+    return {u: run.conv_sde(*u[1:]) for u in units.plan(SMALL) if u[0] == "conv_sde"}
 
 
 def finite_units(**attention) -> dict:
@@ -231,7 +231,7 @@ def finite_units(**attention) -> dict:
 
     with mock.patch.object(runner, "FiniteSampler", sampler):
         run = runner.Runner(SMALL)
-        return {u: run.conv_finite(*u[1:]) for u in runner.plan(SMALL) if u[0] == "conv_finite"}
+        return {u: run.conv_finite(*u[1:]) for u in units.plan(SMALL) if u[0] == "conv_finite"}
 
 
 def test_bias_shrinks_from_the_smallest_to_the_largest_width():

@@ -18,6 +18,7 @@ import numpy as np
 from .._mc.sampler import resolve_sampler, sample_bytes
 from .._theory.solve import default_chunk_size
 from .config import ExperimentConfig
+from .units import plan, unit_count, unit_states
 
 RESULT_COPIES = 3
 """Host copies of the results during a run: the chunks, the concatenated ensembles and the
@@ -82,25 +83,20 @@ def check_resources(cfg: ExperimentConfig) -> ResourcePlan:
     parameter, the memory needed and the memory available)."""
     itemsize = np.dtype(cfg.dtype).itemsize
     state = cfg.m * cfg.m * itemsize
-    steps = max(1, round(cfg.T / cfg.dt))
-    saves = steps // cfg.sde_grid(cfg.T)[1]
-    widths = [cfg.width] * (1 + len(cfg.variants) + len(cfg.gammas) * len(cfg.stability_tau0s))
-    finite = sum(cfg.samples * (cfg.depth + 1) for _ in widths)
-    finite += sum(cfg.samples * (max(1, round(cfg.T * w)) + 1) for w in cfg.sweep_widths)
-    finite += sum(s for _, _, s in cfg.convergence_plan())
-    sde = cfg.sde_paths * (saves + 1) * (1 + len(cfg.gammas) * len(cfg.stability_tau0s))
-    if cfg.convergence_widths:
-        sde += 3 * cfg.convergence_paths + len(cfg.convergence_widths) * cfg.convergence_slope_paths
-    results = RESULT_COPIES * (finite + sde) * state
+    kept = {"finite": 0, "sde": 0}
+    for unit in plan(cfg):
+        kept["sde" if unit[0].endswith("sde") else "finite"] += unit_count(cfg, unit) * unit_states(cfg, unit)
+    results = RESULT_COPIES * (kept["finite"] + kept["sde"]) * state
     host = host_memory()
     if results > host:
-        name, value = ("samples", cfg.samples) if finite >= sde else ("sde_paths", cfg.sde_paths)
+        name, value = ("samples", cfg.samples) if kept["finite"] >= kept["sde"] else ("sde_paths", cfg.sde_paths)
         raise ValueError(f"{name}={value} (depth={cfg.depth}, m={cfg.m}): the results need "
                          f"{results / GIB:.3g} GiB of host memory, {host / GIB:.3g} GiB available")
     device = device_memory(host)
     block = cfg.block_config("shaped", cfg.gamma)(max((cfg.width, *cfg.sweep_widths, *cfg.convergence_widths)))
     per_sample = sample_bytes(block, cfg.m, cfg.depth, resolve_sampler(block, cfg.sampler))
-    per_path = (saves + 1 + 10) * state  # its saved states and a step's m x m temporaries (noise included)
+    saves = unit_states(cfg, ("sde", cfg.gamma, cfg.T, cfg.tau0))
+    per_path = (saves + 10) * state  # its saved states and a step's m x m temporaries (noise included)
     finite_batch = _fit("width", block.width, "network", cfg.chunk, per_sample, device)
     sde_batch = _fit("m", cfg.m, "SDE path", min(cfg.chunk, default_chunk_size(cfg.m)), per_path, device)
     return ResourcePlan(finite_batch, sde_batch, int(results), host, device)

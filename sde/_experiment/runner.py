@@ -1,20 +1,17 @@
-"""The work units of an experiment, run chunk by chunk with resume (docs/experiments.md §1).
+"""The work units of an experiment (:mod:`.units`), run chunk by chunk with resume
+(docs/experiments.md §1).
 
-A unit is one finite ensemble ``("finite", variant, gamma, width, depth, tau0)`` or one SDE
-ensemble ``("sde", gamma, T, tau0)``; its key is ``fold_in(key(seed), crc32(name))``, so it
-depends on the seed and the unit's identity only, and sample or path ``i`` of the unit uses
-``fold_in(key, i)``. The finite-width study (docs/finite_width.md
-§7) adds ``("conv_finite", width, depth, samples)`` and ``("conv_sde", steps, width)`` (width
-0: the SDE; else its ReLU drift scaled to that width), which keep only the last state; every
-``conv_sde`` unit uses one key and Brownian increments on the finest grid, so they share
-their paths (common random numbers). Each unit is stored in chunks of
-``config.chunk`` samples; with a run directory every finished chunk is written atomically and
-read back on a rerun, so an interrupted run resumes to the same result. Missing chunks are
-computed one per device and call (consecutive chunks grouped over the devices of every process,
-docs/experiments.md §4), each device in batches of the :class:`ResourcePlan`'s size, so the
-numbers do not depend on the number of devices or processes.
+A unit's key is ``fold_in(key(seed), crc32(name))``, so it depends on the seed and the unit's
+identity only, and sample or path ``i`` of the unit uses ``fold_in(key, i)``. The finite-width
+study's ``conv_sde`` units (width 0: the SDE; else its ReLU drift scaled to that width) all use
+one key and Brownian increments on the finest grid, so they share their paths (common random
+numbers). Each unit is stored in chunks of ``config.chunk`` samples; with a run directory
+every finished chunk is written atomically and read back on a rerun, so an interrupted run
+resumes to the same result. Missing chunks are computed one per device and call (consecutive
+chunks grouped over the devices of every process, docs/experiments.md §4), each device in
+batches of the :class:`ResourcePlan`'s size, so the numbers do not depend on the number of
+devices or processes.
 """
-
 from __future__ import annotations
 
 import io
@@ -32,43 +29,12 @@ from .._helpers.processes import is_writer, share_bytes
 from .._mc.sampler import FiniteSampler, stop_samples
 from .._theory.solve import solve
 from .config import ExperimentConfig
-from .convergence import STEP_MULTIPLES, relu_drift_factor, relu_scaled_params, slope_width
+from .convergence import relu_drift_factor, relu_scaled_params
 from .resources import ResourcePlan, check_resources
+from .units import plan, unit_count, unit_name
 
 PER_UNIT = ("t",)
 """Chunk entries that describe the whole unit (the save times), not one sample each."""
-
-
-def plan(cfg: ExperimentConfig) -> list[tuple]:
-    """The work units of ``cfg``, without repeats, the headline pair first."""
-    tau = cfg.tau0
-    units = [("finite", "shaped", cfg.gamma, cfg.width, cfg.depth, tau), ("sde", cfg.gamma, cfg.T, tau)]
-    units += [("finite", v, cfg.gamma, cfg.width, cfg.depth, tau) for v in cfg.variants]
-    for t in cfg.stability_tau0s:
-        for g in cfg.gammas:
-            units += [("finite", "shaped", g, cfg.width, cfg.depth, t), ("sde", g, cfg.T, t)]
-    for w in cfg.sweep_widths:
-        units.append(("finite", "shaped", cfg.gamma, w, max(1, round(cfg.T * w)), tau))
-    if cfg.convergence_widths:
-        units += [("conv_sde", cfg.convergence_steps // k, 0) for k in STEP_MULTIPLES]
-        if slope_width(cfg) is not None:
-            units.append(("conv_sde", cfg.convergence_steps, slope_width(cfg)))
-        units += [("conv_finite", *row) for row in cfg.convergence_plan()]
-    return list(dict.fromkeys(units))
-
-
-def unit_name(cfg: ExperimentConfig, unit: tuple) -> str:
-    """The file-name-safe identity of a unit (also the source of its key)."""
-    if unit[0] == "conv_finite":
-        return f"conv-finite-n{unit[1]}-d{unit[2]}"
-    if unit[0] == "conv_sde":
-        return f"conv-sde-s{unit[1]}" + (f"-relu-n{unit[2]}" if unit[2] else "")
-    tau = "" if unit[-1] == cfg.tau0 else f"-tau{unit[-1]:.6g}"
-    if unit[0] == "finite":
-        _, variant, gamma, width, depth, _ = unit
-        return f"finite-{variant}-g{gamma:.6g}-n{width}-d{depth}{tau}"
-    _, gamma, T, _ = unit
-    return f"sde-{cfg.block}-g{gamma:.6g}-T{T:.6g}{tau}"
 
 
 def _groups(missing: list[int], size: int, partial: int) -> Iterator[list[int]]:
@@ -216,21 +182,13 @@ class Runner:
 
         return self._last_states(name, total, cfg.T, compute)
 
-    def _count(self, unit: tuple) -> int:
-        """Samples or paths of a unit."""
-        if unit[0] == "conv_finite":
-            return unit[3]
-        if unit[0] == "conv_sde":
-            return self.cfg.convergence_slope_paths if unit[2] else self.cfg.convergence_paths
-        return self.cfg.samples if unit[0] == "finite" else self.cfg.sde_paths
-
     def execute(self) -> dict[tuple, Ensemble]:
         """Every unit of :func:`plan`, in order."""
         units = plan(self.cfg)
         run = {"finite": self.finite, "sde": self.sde, "conv_finite": self.conv_finite, "conv_sde": self.conv_sde}
         from tqdm.auto import tqdm  # noqa: PLC0415  (progress is optional)
 
-        chunks = sum(-(-self._count(u) // self.cfg.chunk) for u in units)
+        chunks = sum(-(-unit_count(self.cfg, u) // self.cfg.chunk) for u in units)
         with tqdm(total=chunks, desc="chunks", disable=not (self.progress and is_writer())) as bar:
             self._bar = bar
             out = {u: run[u[0]](*u[1:]) for u in units}

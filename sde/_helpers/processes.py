@@ -31,7 +31,7 @@ def _check_coordinator(coordinator: str) -> str:
 
 
 def join_processes(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
-         process_id: Optional[int] = None, timeout_s: int = 300) -> int:
+                   process_id: Optional[int] = None, timeout_s: int = 300) -> int:
     """Join a multi-process run with ``jax.distributed.initialize``; return the process count.
 
     - ``coordinator`` ("HOST:PORT" of process 0), ``num_processes`` and ``process_id`` all
