@@ -170,20 +170,22 @@ def test_small_cholesky_matches_lapack_and_falls_back(dtype):
     takes the eigh fallback for them (on both sides of the size threshold)."""
     rng = np.random.default_rng(5)
     eps = np.finfo(dtype).eps
+    cholesky = jax.jit(small_cholesky)  # one program per m (eagerly, every entry is its own program)
+    check = jax.jit(factor_and_check, static_argnums=2)
     for m in range(2, SMALL_CHOLESKY_M + 2):
         V = np.stack([random_psd(rng, m) for _ in range(16)]).astype(dtype)
-        L, ok = small_cholesky(jnp.asarray(V))
+        L, ok = cholesky(jnp.asarray(V))
         assert L.dtype == dtype and np.all(np.asarray(ok))
         ref = np.asarray(jnp.linalg.cholesky(jnp.asarray(V)))
         np.testing.assert_allclose(np.asarray(L), ref, rtol=0, atol=50 * eps * np.abs(ref).max())
         u = rng.standard_normal(m)
         bad = np.stack([np.outer(u, u), -np.eye(m), np.full((m, m), np.nan), np.diag([np.inf] + [1.0] * (m - 1))])
-        _, okb = small_cholesky(jnp.asarray(bad, dtype))
+        _, okb = cholesky(jnp.asarray(bad, dtype))
         lapack_ok = np.all(np.isfinite(np.asarray(jnp.linalg.cholesky(jnp.asarray(bad, dtype)))), axis=(1, 2))
         assert not np.any(np.asarray(okb)) and not np.any(lapack_ok)
         # singular PSD (rank 1): the fallback factors it exactly and the PSD check passes
         Vb = jnp.asarray(np.stack([V[0], np.outer(u, u)]).astype(dtype))
-        Lf, okf = factor_and_check(Vb, 10 * eps * np.abs(u).max() ** 2, "cholesky")
+        Lf, okf = check(Vb, 10 * eps * np.abs(u).max() ** 2, "cholesky")
         assert np.all(np.asarray(okf))
         np.testing.assert_allclose(np.asarray(Lf[0]), ref[0], rtol=0, atol=50 * eps * np.abs(ref[0]).max())
         np.testing.assert_allclose(np.asarray(Lf[1] @ jnp.swapaxes(Lf[1], -1, -2)), np.outer(u, u),

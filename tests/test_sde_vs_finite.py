@@ -140,12 +140,20 @@ def test_nothing_non_finite_reaches_metrics_when_paths_stop(v0_scale, gamma, tau
         assert stopped["sde"] < 1 and math.isfinite(metrics["ks_rho"]) and 0 <= metrics["ks_pvalue_rho"] <= 1
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_resume_after_interruption_equals_uninterrupted(sig, tmp_path):
-    args = [*TINY, "--samples", "256", "--sde-paths", "256"]
-    reference = tmp_path / "reference"
-    assert _run(args, reference).wait(timeout=300) == 0
+RESUME_ARGS = [*TINY, "--samples", "256", "--sde-paths", "256"]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run directory of an uninterrupted run of RESUME_ARGS (one for both signals)."""
+    reference = tmp_path_factory.mktemp("reference") / "run"
+    assert _run(RESUME_ARGS, reference).wait(timeout=300) == 0
+    return reference
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_resume_after_interruption_equals_uninterrupted(sig, uninterrupted, tmp_path):
+    args, reference = RESUME_ARGS, uninterrupted
     out = tmp_path / "interrupted"
     proc = _run(args, out)
     deadline = time.time() + 240
