@@ -181,9 +181,13 @@ class ExperimentConfig:
         """The SDE of the shaped network at ``gamma``, ``tau0`` (:meth:`SDEParams.from_block`)."""
         return SDEParams.from_block(self.block_config("shaped", gamma, tau0)(self.width))
 
+    def sde_steps(self, T: float) -> int:
+        """Euler steps of an SDE solve up to ``T`` (``T / dt`` rounded, at least one)."""
+        return max(1, round(T / self.dt))
+
     def sde_grid(self, T: float) -> tuple[float, int]:
         """``(dt, save_every)``: ``dt`` adjusted to divide ``T``; at most ~200 saves."""
-        steps = max(1, round(T / self.dt))
+        steps = self.sde_steps(T)
         if steps <= MAX_SDE_SAVES:
             return T / steps, 1
         save_every = max(d for d in range(1, steps + 1) if steps % d == 0 and steps // d <= MAX_SDE_SAVES)

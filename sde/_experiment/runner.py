@@ -12,6 +12,7 @@ chunks grouped over the devices of every process, docs/experiments.md §4), each
 batches of the :class:`ResourcePlan`'s size, so the numbers do not depend on the number of
 devices or processes.
 """
+
 from __future__ import annotations
 
 import io

@@ -58,6 +58,5 @@ def unit_states(cfg: ExperimentConfig, unit: tuple) -> int:
     if unit[0] == "finite":
         return unit[4] + 1
     if unit[0] == "sde":
-        dt, save_every = cfg.sde_grid(unit[2])
-        return max(1, round(unit[2] / dt)) // save_every + 1
+        return cfg.sde_steps(unit[2]) // cfg.sde_grid(unit[2])[1] + 1
     return 1
