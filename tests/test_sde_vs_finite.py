@@ -153,9 +153,8 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_resume_after_interruption_equals_uninterrupted(sig, uninterrupted, tmp_path):
-    args, reference = RESUME_ARGS, uninterrupted
     out = tmp_path / "interrupted"
-    proc = _run(args, out)
+    proc = _run(RESUME_ARGS, out)
     deadline = time.time() + 240
     while time.time() < deadline and len(list((out / "chunks").glob("*.npz"))) < 3:
         time.sleep(0.05)
@@ -166,9 +165,9 @@ def test_resume_after_interruption_equals_uninterrupted(sig, uninterrupted, tmp_
     assert 0 < done and not (out / "metrics.json").exists()
     assert not list(out.rglob("*.tmp")) or sig == signal.SIGKILL  # SIGINT cleans up its temp file
 
-    assert _run(args, out).wait(timeout=300) == 0
-    assert (out / "metrics.json").read_text() == (reference / "metrics.json").read_text()
-    ref = np.load(reference / "results.npz", allow_pickle=False)
+    assert _run(RESUME_ARGS, out).wait(timeout=300) == 0
+    assert (out / "metrics.json").read_text() == (uninterrupted / "metrics.json").read_text()
+    ref = np.load(uninterrupted / "results.npz", allow_pickle=False)
     res = np.load(out / "results.npz", allow_pickle=False)
     for k in ref.files:
         np.testing.assert_array_equal(res[k], ref[k])
