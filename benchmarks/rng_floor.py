@@ -12,8 +12,8 @@ random-number floor a part runs at (1 = it costs no more than its random numbers
   chunk size and all paths in one call.
 * Finite reduced sampler (:func:`reduced_floor`): sample ``i`` has ``fold_in(key, i)``, layer
   keys ``split(key_i, depth)`` in a ``lax.scan``, and each layer draws one
-  ``normal(split(split(layer_key, 6)[2])[0], (count,))`` with the count of the sampler's
-  ``_LayerNoise`` record (docs/samplers.md §4). Its chi-square draws are timed on top as a
+  ``normal(split(layer_key)[0], (count,))`` with the count of the sampler's
+  ``LayerDraws`` record (docs/samplers.md §4). Its chi-square draws are timed on top as a
   second figure (``with_chi_square``).
 * ``bulk_normals_per_s``: one ``jax.random.normal`` call of the same count from one key (no
   per-draw keys): the rate the issue quoted (about 85 M/s on an idle 2-core CPU).
@@ -70,11 +70,12 @@ def bulk_rate(count: int, dtype=np.float32, repeats: int = 3) -> float:
 
 def reduced_layer_draws(cfg, m: int) -> tuple[int, np.ndarray]:
     """``(normals, chi-square dfs)`` one reduced-sampler layer draws for ``m`` tokens (the
-    sampler's own ``_LayerNoise`` record)."""
-    from sde._mc.reduced import _LayerNoise, _reduced_maps, reduced_layout
+    sampler's own ``LayerDraws`` record)."""
+    from sde._helpers.wishart import LayerDraws
+    from sde._mc.reduced import _reduced_maps, reduced_layout
 
-    record = _LayerNoise(jnp.dtype(cfg.param_dtype))
-    _reduced_maps(cfg, reduced_layout(cfg, m), m, record, jax.random.split(jax.random.key(0), 6))
+    record = LayerDraws(jnp.dtype(cfg.param_dtype))
+    _reduced_maps(cfg, reduced_layout(cfg, m), m, record)
     return record.count, np.asarray(record.dfs, np.float64)
 
 
@@ -89,7 +90,7 @@ def reduced_floor(cfg, *, m: int, depth: int, samples: int, repeats: int = 3, se
     def program(with_chi: bool):
         def one(key):
             def layer(acc, layer_key):
-                k_normal, k_chi = jax.random.split(jax.random.split(layer_key, 6)[2])
+                k_normal, k_chi = jax.random.split(layer_key)
                 acc = acc + jnp.sum(jax.random.normal(k_normal, (count,), dtype))
                 if with_chi and len(dfs):
                     acc = acc + jnp.sum(chi_square(k_chi, jnp.asarray(dfs, dtype), dfs.shape, dtype))

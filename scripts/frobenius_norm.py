@@ -294,7 +294,6 @@ def figures(rand, adv, init_rows, runs, cfg, out: Path):
     plt = _common.pyplot()
     paths = []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    ns = sorted({r["n"] for r in rand})
     for kind in sorted({r["kind"] for r in rand}):
         sel = sorted((r for r in rand if r["kind"] == kind), key=lambda r: r["n"])
         axes[0].plot([r["n"] for r in sel], [r["value_ratio_max"] for r in sel], "o-", ms=3, label=kind)

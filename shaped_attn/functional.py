@@ -45,7 +45,7 @@ class BlockMaps(NamedTuple):
             shaped and unshaped kinds.
         scores: optional ``x -> [..., H, m, m]``, the per-head products ``(x W_Q,h)(x W_K,h)^T``
             before the temperature, in place of ``query`` and ``key`` (which must then be
-            ``None``). A sampler can draw this m x m product directly (sde/finite.py).
+            ``None``). A sampler can draw this m x m product directly (docs/samplers.md §3).
     Maps of a sub-block that the config leaves out (``sublayers``) may be ``None``.
     """
 

@@ -14,7 +14,6 @@ from typing import Any, Iterable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from . import diagnostics, functional, training
 from .models import CausalLM

@@ -24,7 +24,7 @@ V3 = np.array([[1.0, 0.3, -0.2], [0.3, 0.8, 0.1], [-0.2, 0.1, 1.2]])
 def linear_layer(key, X):
     """``X W / sqrt(n)`` with fresh ``W ~ N(0, I)``: E[V_1 | V] = V and
     n Cov(V_1 | V) = Sigma_lin(V) exactly at every width (Wishart moments)."""
-    return gram_map(key, X.shape[-1])(X)
+    return gram_map(jax.random.normal(key, X.shape, X.dtype))(X)
 
 
 def test_linear_layer_is_exact():

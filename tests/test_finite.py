@@ -16,7 +16,7 @@ from scipy import stats
 from helpers import se_mean
 from sde import FiniteSampler, simulate_finite
 from sde._helpers.linalg import gram
-from sde._helpers.wishart import chi_square
+from sde._helpers.wishart import LayerDraws, chi_square
 from sde._mc.gram_maps import gram_map, gram_scores
 from sde._mc.inputs import initial_tokens
 from sde._mc.sampler import SAMPLERS, stop_samples
@@ -41,7 +41,7 @@ def test_gram_map_on_collapsed_tokens():
     """Two identical tokens make x x^T / n singular (Cholesky fails): the fresh x W is still
     finite, keeps the two tokens identical, and has the right scale."""
     x = jnp.stack([jnp.ones(400), jnp.ones(400), jnp.cos(jnp.arange(400.0))])
-    y = gram_map(jax.random.key(0), 5000)(x)
+    y = gram_map(jax.random.normal(jax.random.key(0), (3, 5000)))(x)
     assert bool(jnp.all(jnp.isfinite(y)))
     np.testing.assert_allclose(y[0], y[1], atol=1e-6)  # sqrt of a rounding-level eigenvalue
     S = gram(x)
@@ -186,7 +186,11 @@ def test_bartlett_scores_have_the_law_of_explicit_products():
         return (x @ wq) @ (x @ wk).T
 
     a = np.asarray(jax.vmap(explicit)(keys))
-    b = np.asarray(jax.vmap(lambda k: gram_scores(k, 1, nk)(x)[0])(jax.random.split(jax.random.key(6), draws)))
+    def bartlett(k):
+        maps = lambda d: gram_scores(d.wishart_factor((1,), 3, nk), d.normal((1, 3, 3)))  # noqa: E731
+        return LayerDraws.build(maps, k, x.dtype)(x)[0]
+
+    b = np.asarray(jax.vmap(bartlett)(jax.random.split(jax.random.key(6), draws)))
     for i, j in [(0, 0), (0, 1), (2, 1)]:
         assert stats.ks_2samp(a[:, i, j], b[:, i, j]).pvalue > 1e-4, (i, j)
     gauss = np.random.default_rng(0).normal(size=draws) * a[:, 0, 0].std()

@@ -1,8 +1,6 @@
 """Stack (scan over layers) against layer-by-layer application, configs, vmap over keys,
 and the two model heads (shapes, gradients, causality)."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -26,12 +26,11 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from shaped_attn.config import BlockConfig
 from shaped_attn.functional import BlockMaps
 
-from .._helpers.wishart import bartlett_dfs, bartlett_from, chi_square
+from .._helpers.wishart import LayerDraws
 from .gram_maps import gram_map
 
 
@@ -48,49 +47,13 @@ def reduced_root(x: jax.Array, used: int) -> jax.Array:
     return xu / math.sqrt(width)
 
 
-class _LayerNoise:
-    """The random numbers of one reduced-sampler layer, drawn in one call of
-    ``jax.random.normal`` and one of :func:`chi_square` (many small draws cost far more than
-    their size under ``vmap``). Built twice: without ``key`` it only records the requests of
-    the maps (returning ``None``); with ``key`` and that record it draws them and hands out
-    disjoint parts in the same order."""
-
-    def __init__(self, dtype, key: Optional[jax.Array] = None, record: Optional["_LayerNoise"] = None):
-        self.dtype, self.count, self.dfs = dtype, 0, []
-        self.normals = self.chi2 = None
-        if key is not None:
-            k_normal, k_chi = jax.random.split(key)
-            self.normals = jax.random.normal(k_normal, (record.count,), dtype)
-            if record.dfs:
-                dfs = np.asarray(record.dfs, np.float64)
-                self.chi2 = chi_square(k_chi, dfs.astype(dtype), dfs.shape, dtype)
-
-    def normal(self, shape: tuple) -> Optional[jax.Array]:
-        """iid N(0, 1) of ``shape``."""
-        start, self.count = self.count, self.count + math.prod(shape)
-        return None if self.normals is None else self.normals[start:self.count].reshape(shape)
-
-    def free(self, lead: tuple, rows: int, df: int) -> Optional[jax.Array]:
-        """``T`` of shape ``(*lead, rows, min(rows, df))`` with ``T T^T`` distributed as ``G G^T``,
-        ``G`` iid N(0, 1) of shape rows x df: the Bartlett factor (:func:`bartlett_from`) if
-        ``df >= rows``, else G itself."""
-        if df < rows:
-            return self.normal((*lead, rows, max(df, 0)))
-        below = self.normal((*lead, rows, rows))
-        start = len(self.dfs)
-        self.dfs += list(np.tile(bartlett_dfs(df, rows), math.prod(lead)))
-        if self.normals is None:
-            return None
-        return bartlett_from(below, self.chi2[start:len(self.dfs)].reshape(*lead, rows))
-
-
 def _one_sample(x: jax.Array) -> None:
     if x.ndim != 2:
         raise ValueError(f"the reduced sampler's maps act on one sample (m x width), got shape "
                          f"{x.shape}; vmap over samples")
 
 
-def coordinate_map(noise: _LayerNoise, n_out: int, occupied: int, used_in: int, p: int, *,
+def coordinate_map(draws: LayerDraws, n_out: int, occupied: int, used_in: int, p: int, *,
                    width: int, scale: float = 1.0, heads: int = 1,
                    shared: bool = True) -> Callable[[jax.Array], jax.Array]:
     """A fresh ``x -> x W`` (``W ~ N(0, 1/n_in)``, ``heads`` blocks of ``n_out`` columns), in
@@ -101,14 +64,14 @@ def coordinate_map(noise: _LayerNoise, n_out: int, occupied: int, used_in: int, 
     ``gram(x) = x x^T / n_in``. With ``R = reduced_root(x, used_in)`` (m x p) block h is
     ``scale * R [G_h, T_h, 0]`` on ``width`` columns: ``G_h`` iid N(0, 1) (p x ``occupied``)
     on the features whose values matter and ``T_h`` on the next ones in place of the other
-    ``n_out - occupied`` columns (:meth:`_LayerNoise.free`). ``shared=True``: the blocks lie in
+    ``n_out - occupied`` columns (:meth:`LayerDraws.wishart_factor`). ``shared=True``: the blocks lie in
     one space (the heads' values summed into the residual stream), so their free parts share
     directions and come from one factor of ``heads * p`` rows (block h: rows ``h p .. (h + 1)
     p``); ``shared=False``: separate spaces (the heads' value blocks before an output
     projection). ``occupied = n_out = width``: every feature drawn (the MLP's hidden units).
     """
-    used = noise.normal((heads, p, occupied))
-    free = noise.free(() if shared else (heads,), heads * p if shared else p, n_out - occupied)
+    used = draws.normal((heads, p, occupied))
+    free = draws.wishart_factor(() if shared else (heads,), heads * p if shared else p, n_out - occupied)
 
     def apply(x):
         _one_sample(x)
@@ -123,12 +86,12 @@ def coordinate_map(noise: _LayerNoise, n_out: int, occupied: int, used_in: int, 
     return apply
 
 
-def reduced_scores(noise: _LayerNoise, heads: int, key_width: int, used_in: int,
+def reduced_scores(draws: LayerDraws, heads: int, key_width: int, used_in: int,
                    m: int) -> Callable[[jax.Array], jax.Array]:
     """:func:`gram_scores` (``R B G3 R^T`` per head) with ``R = reduced_root(x, used_in)`` and
-    the numbers from ``noise``."""
-    b = noise.free((heads,), m, key_width)
-    g = noise.normal((heads, m, m))
+    the numbers from ``draws``."""
+    b = draws.wishart_factor((heads,), m, key_width)
+    g = draws.normal((heads, m, m))
 
     def apply(x):
         _one_sample(x)
@@ -206,42 +169,39 @@ def reduced_maps(cfg: BlockConfig, key: jax.Array, m_tokens: int) -> BlockMaps:
 
     Same roles as :func:`gram_maps`: the scores are :func:`reduced_scores` (the query and key
     maps of :func:`gram_maps` when ``n_k < m``, zero scores for a zero query), all other maps
-    are :func:`coordinate_map` s; their random numbers come from one :class:`_LayerNoise`.
+    are :func:`coordinate_map` s; their random numbers come from one :class:`LayerDraws`.
     """
     lay = reduced_layout(cfg, m_tokens)
-    ks = jax.random.split(key, 6)  # the roles of gram_maps' keys: query, key from there
-    dtype = jnp.dtype(cfg.param_dtype)
-    record = _LayerNoise(dtype)
-    _reduced_maps(cfg, lay, m_tokens, record, ks)
-    return _reduced_maps(cfg, lay, m_tokens, _LayerNoise(dtype, ks[2], record), ks)
+    return LayerDraws.build(lambda draws: _reduced_maps(cfg, lay, m_tokens, draws), key,
+                            jnp.dtype(cfg.param_dtype))
 
 
-def _reduced_maps(cfg: BlockConfig, lay: ReducedLayout, m: int, noise: _LayerNoise, ks) -> BlockMaps:
+def _reduced_maps(cfg: BlockConfig, lay: ReducedLayout, m: int, draws: LayerDraws) -> BlockMaps:
     att, n, heads, hidden = cfg.attention, cfg.width, cfg.attention.num_heads, cfg.mlp_hidden
     maps = BlockMaps()
     if cfg.has_attention:
         if att.query_init == "zero":
             maps = maps._replace(scores=lambda x: jnp.zeros((heads, m, m), x.dtype))
         elif att.head_dim >= m:
-            maps = maps._replace(scores=reduced_scores(noise, heads, att.head_dim, lay.block_in, m))
+            maps = maps._replace(scores=reduced_scores(draws, heads, att.head_dim, lay.block_in, m))
         else:  # n_k < m: X W_Q and X W_K themselves, as the Gram sampler
-            maps = maps._replace(query=gram_map(ks[0], heads * att.head_dim),
-                                 key=gram_map(ks[1], heads * att.head_dim))
+            maps = maps._replace(query=gram_map(draws.normal((m, heads * att.head_dim))),
+                                 key=gram_map(draws.normal((m, heads * att.head_dim))))
         stream = dict(width=lay.width, scale=lay.scale)
         if att.out_proj:
-            value = coordinate_map(noise, att.value_dim, 0, lay.block_in, lay.block_in,
+            value = coordinate_map(draws, att.value_dim, 0, lay.block_in, lay.block_in,
                                    width=lay.width // heads, scale=lay.scale, heads=heads, shared=False)
             used = lay.value if heads == 1 else lay.width
-            output = coordinate_map(noise, n, lay.block_in, used, min(m, used), **stream)
+            output = coordinate_map(draws, n, lay.block_in, used, min(m, used), **stream)
         else:
-            value = coordinate_map(noise, n, lay.block_in, lay.block_in, lay.block_in, heads=heads, **stream)
+            value = coordinate_map(draws, n, lay.block_in, lay.block_in, lay.block_in, heads=heads, **stream)
             output = None
         maps = maps._replace(value=value, output=output)
     if cfg.has_mlp:
         p = min(m, lay.attention_out)
         maps = maps._replace(
-            mlp_in=coordinate_map(noise, hidden, hidden, lay.attention_out, p, width=hidden),
-            mlp_out=coordinate_map(noise, n, lay.attention_out, hidden, min(m, hidden),
+            mlp_in=coordinate_map(draws, hidden, hidden, lay.attention_out, p, width=hidden),
+            mlp_out=coordinate_map(draws, n, lay.attention_out, hidden, min(m, hidden),
                                    width=lay.width, scale=lay.scale),
         )
     return maps

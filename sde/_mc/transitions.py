@@ -165,9 +165,9 @@ def smooth_mlp_layer(phi: PhiLike, a: float, gamma: float) -> Callable[[Array, A
         n = X.shape[-1]
         s = a * math.sqrt(n)
         c = normaliser(phi, s)
-        k_in, k_out = jax.random.split(key)
-        h = gram_map(k_in, n)(X)
-        branch = gram_map(k_out, n)(math.sqrt(c) * s * fn(h / s))
+        g = jax.random.normal(key, (2, *X.shape[:-1], n), X.dtype)  # both maps' normals, one draw
+        h = gram_map(g[0])(X)
+        branch = gram_map(g[1])(math.sqrt(c) * s * fn(h / s))
         return lam * X + gamma * branch
 
     return layer
