@@ -98,6 +98,29 @@ def cli(script: str, prepare: Callable, execute: Callable, argv=None) -> int:
         return 130
 
 
+def check_training_memory(sizes: str, build: Callable[[], Any], loss_fn: Callable, batch: Any, config: Any, *,
+                          models: int = 1, eval_fn: Callable | None = None, eval_batch: Any = None,
+                          workers: int = 1) -> None:
+    """Refuse a training run whose step (or evaluation) does not fit in one device's memory,
+    ``workers`` runs at a time: ValueError, one line naming ``sizes``, the memory needed and
+    the memory available (docs/experiments.md §6). ``build()`` makes the model; it is only
+    traced (``nnx.eval_shape``) and the batches may be ``jax.ShapeDtypeStruct``s, so nothing is
+    allocated."""
+    from flax import nnx  # noqa: PLC0415
+    from shaped_attn import memory, training  # noqa: PLC0415
+
+    for program in training.step_programs(nnx.eval_shape(build), loss_fn, batch, config, models=models,
+                                          eval_fn=eval_fn, eval_batch=eval_batch):
+        memory.require_program(f"{sizes}: one training step", *program, copies=workers)
+
+
+def batch_like(batch_size: int, **examples: np.ndarray) -> dict:
+    """Shapes of a batch of ``batch_size`` rows of each array of ``examples`` (rows on axis 0)."""
+    import jax  # noqa: PLC0415
+
+    return {k: jax.ShapeDtypeStruct((batch_size, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in examples.items()}
+
+
 # ------------------------------------------------------------------------ outputs
 
 

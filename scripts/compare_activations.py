@@ -361,9 +361,25 @@ def prepare(argv=None):
     for depth in cfg.depths:
         for label in labels(cfg):  # e.g. heads must divide width
             build_config(cfg, label, depth, ds)
+    check_memory(cfg, ds, args.workers)
     run = _common.open_run(args.out, cfg, args.overwrite,
                            ("table.md", "learning_curves_depth*.png", "accuracy.png", "attention_norms.png"))
     return args, cfg, run
+
+
+def check_memory(cfg: CompareConfig, ds: data.ImageDataset, workers: int) -> None:
+    """The deepest model's training step (all seeds together with ``ensemble``) and evaluation
+    must fit in one device's memory, ``workers`` at a time (the activations change no shape;
+    an evaluation batch is at most the test split)."""
+    depth = max(cfg.depths)
+    models = cfg.seeds if cfg.ensemble else 1
+    _common.check_training_memory(
+        f"width={cfg.width}, depth={depth}, batch_size={cfg.batch_size}, eval_batch_size={cfg.eval_batch_size}"
+        + (f", seeds={cfg.seeds} (ensemble)" if cfg.ensemble else ""),
+        lambda: levit.build(build_config(cfg, labels(cfg)[0], depth, ds)), levit.classifier_loss,
+        _common.batch_like(cfg.batch_size, x=ds.x_train, y=ds.y_train), train_config(cfg), models=models,
+        eval_fn=levit.classifier_eval, eval_batch=_common.batch_like(min(cfg.eval_batch_size, len(ds.x_test)), x=ds.x_test, y=ds.y_test),
+        workers=workers)
 
 
 @functools.lru_cache(maxsize=2)

@@ -48,7 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from shaped_attn import activations, data, diagnostics, levit, training  # noqa: E402
+from shaped_attn import activations, data, diagnostics, levit, memory, training  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +160,9 @@ def random_bounds(cfg: FrobeniusConfig, key):
     return rows
 
 
-def adversarial_bounds(cfg: FrobeniusConfig, key):
-    """Gradient ascent (Adam, lr 0.05) on each ratio from ``adversarial_starts`` random
-    starts at scales 0.1 to 10; reports the largest ratio found. Both ratios are pushed up
-    in one program (two independent sets of matrices)."""
+def _adversarial_program(cfg: FrobeniusConfig):
+    """``run(a2)``: both ratios at the starts ``a2`` ``[2, starts, n, n]`` and after
+    ``adversarial_steps`` of Adam (lr 0.05) pushing them up."""
     import optax
 
     fns = (diagnostics.softmax_frobenius_bound_ratio, diagnostics.softmax_gradient_bound_ratio)
@@ -182,6 +181,14 @@ def adversarial_bounds(cfg: FrobeniusConfig, key):
         (a, _), _ = jax.lax.scan(body, (a2, tx.init(a2)), None, length=cfg.adversarial_steps)
         return fns[0](a2[0]), fns[1](a2[1]), fns[0](a[0]), fns[1](a[1])
 
+    return run
+
+
+def adversarial_bounds(cfg: FrobeniusConfig, key):
+    """Gradient ascent (Adam, lr 0.05) on each ratio from ``adversarial_starts`` random
+    starts at scales 0.1 to 10; reports the largest ratio found. Both ratios are pushed up
+    in one program (two independent sets of matrices)."""
+    run = _adversarial_program(cfg)
     rows = []
     for n in cfg.bound_ns:
         scales = jnp.logspace(-1, 1, cfg.adversarial_starts)[None, :, None, None]
@@ -192,18 +199,21 @@ def adversarial_bounds(cfg: FrobeniusConfig, key):
     return rows
 
 
+INIT_NAMES = ("softmax", "poly3_a0.5", "poly3_a0", "poly3_a1", "poly2_a0.5")
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _init_ratios(key, n: int, samples: int):
+    """``||phi(A)||_F / sqrt(N)`` of ``samples`` matrices A ~ N(0,1)^{N x N}, per name of :data:`INIT_NAMES`."""
+    a = jax.random.normal(key, (samples, n, n))
+    return [diagnostics.frobenius_norm(resolve(name)(a)) / math.sqrt(n) for name in INIT_NAMES]
+
+
 def init_expectation(cfg: FrobeniusConfig, key):
     """``||phi(A)||_F / sqrt(N)`` for A ~ N(0,1)^{N x N}, against the closed form."""
     rows = []
-    names = ("softmax", "poly3_a0.5", "poly3_a0", "poly3_a1", "poly2_a0.5")
-
-    @functools.partial(jax.jit, static_argnums=1)
-    def ratios(key, n):
-        a = jax.random.normal(key, (cfg.init_samples, n, n))
-        return [diagnostics.frobenius_norm(resolve(name)(a)) / math.sqrt(n) for name in names]
-
     for n in cfg.init_ns:
-        for name, r in zip(names, ratios(jax.random.fold_in(key, n), n)):
+        for name, r in zip(INIT_NAMES, _init_ratios(jax.random.fold_in(key, n), n, cfg.init_samples)):
             if name == "softmax":
                 theory = None
             else:
@@ -219,6 +229,9 @@ def init_expectation(cfg: FrobeniusConfig, key):
 
 IMAGE_SIZE = 16
 """The digits are resized to 16x16 so that conv stems give 2x2, 4x4 or 8x8 token grids."""
+
+EVAL_BATCH = 512
+"""Batch size of the test-split evaluation."""
 
 TOKENS = (4, 16, 64)
 """Token counts of the 16x16 digits' conv stems (grids 2x2, 4x4, 8x8)."""
@@ -249,7 +262,7 @@ def train_run(cfg: FrobeniusConfig, act_name: str, tokens: int, seed: int) -> di
     init_frob = training.evaluate(model, _attention_norms, [first])["attn_frobenius"]
     res = training.train(model, levit.classifier_loss, data.batches(ds.x_train, ds.y_train, cfg.batch_size, seed=seed),
                          train_config(cfg, seed), eval_fn=levit.classifier_eval,
-                         eval_batches=data.eval_batches(ds.x_test, ds.y_test, 512))
+                         eval_batches=data.eval_batches(ds.x_test, ds.y_test, EVAL_BATCH))
     h = res.history
     return {
         "activation": act_name, "tokens": tokens, "seed": seed, "depth": cfg.depth,
@@ -426,8 +439,34 @@ def prepare(argv=None):
     for act in cfg.train_activations:
         for n in cfg.tokens:  # e.g. heads must divide width
             model_config(cfg, act, n, ds)
+    check_memory(cfg, ds, args.workers)
     run = _common.open_run(args.out, cfg, args.overwrite, ("bounds.png", "frobenius_training.png"))
     return args, cfg, run
+
+
+def check_memory(cfg: FrobeniusConfig, ds, workers: int) -> None:
+    """The largest program of each part must fit in one device's memory, ``workers`` at a time:
+    the bounds at the largest N, and the training step at the most tokens (the activations
+    change no shape)."""
+    key = jax.eval_shape(lambda: _common.unit_key(cfg.seed, "bounds"))
+    n = max(cfg.bound_ns)
+    sample = _random_kinds(cfg)[1]
+    memory.require_program(f"bound_ns={n}, bound_samples={cfg.bound_samples}: the random-bounds program",
+                           lambda k: sample(k, n), key, copies=workers)
+    starts = jax.ShapeDtypeStruct((2, cfg.adversarial_starts, n, n), jnp.float32)
+    memory.require_program(f"bound_ns={n}, adversarial_starts={cfg.adversarial_starts}: the adversarial-bounds "
+                           "program", _adversarial_program(cfg), starts, copies=workers)
+    n = max(cfg.init_ns)
+    memory.require_program(f"init_ns={n}, init_samples={cfg.init_samples}: the initial-norm program",
+                           lambda k: _init_ratios(k, n, cfg.init_samples), key, copies=workers)
+    tokens = max(cfg.tokens)
+    _common.check_training_memory(
+        f"width={cfg.width}, depth={cfg.depth}, batch_size={cfg.batch_size}, tokens={tokens}",
+        lambda: levit.build(model_config(cfg, cfg.train_activations[0], tokens, ds)), levit.classifier_loss,
+        _common.batch_like(cfg.batch_size, x=ds.x_train, y=ds.y_train), train_config(cfg),
+        eval_fn=levit.classifier_eval, eval_batch=_common.batch_like(min(EVAL_BATCH, len(ds.x_test)), x=ds.x_test,
+                                                                  y=ds.y_test),
+        workers=workers)
 
 
 def execute(args, cfg: FrobeniusConfig, run) -> int:

@@ -46,11 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from shaped_attn import activations, diagnostics, training  # noqa: E402
+from shaped_attn import activations, diagnostics, memory, training  # noqa: E402
 from shaped_attn.config import post_ln_config, pre_ln_config, shaped_config  # noqa: E402
 from shaped_attn.models import Stack  # noqa: E402
 
@@ -112,6 +113,11 @@ def _block(kind: str, cfg: VanishConfig):
     return post_ln_config(cfg.grad_width, num_heads=1)
 
 
+def _loss(model, x, head, y):
+    """Cross-entropy of a fixed random linear head on the mean output token."""
+    return training.cross_entropy(model(x).mean(axis=-2) @ head, y)
+
+
 def init_gradient_unit(cfg: VanishConfig, kind: str) -> dict:
     """Per-layer gradient norms at initialisation of one architecture over ``grad_seeds``
     seeds (seed i: ``fold_in(unit_key(seed, "init_gradients"), i)`` for every architecture)."""
@@ -123,12 +129,7 @@ def init_gradient_unit(cfg: VanishConfig, kind: str) -> dict:
         x = jax.random.normal(k_x, (cfg.grad_batch, cfg.grad_tokens, cfg.grad_width))
         head = jax.random.normal(k_head, (cfg.grad_width, 10)) / math.sqrt(cfg.grad_width)
         y = jax.random.randint(k_y, (cfg.grad_batch,), 0, 10)
-
-        def loss(model):
-            h = model(x).mean(axis=-2)
-            return training.cross_entropy(h @ head, y)
-
-        g = diagnostics.init_gradient_norms(stack, loss, ("query", "value"))
+        g = diagnostics.init_gradient_norms(stack, lambda model: _loss(model, x, head, y), ("query", "value"))
         for k in norms:
             norms[k].append(g[k])
     return {
@@ -269,10 +270,32 @@ def validate(cfg: VanishConfig) -> None:
         _block(kind, cfg)
 
 
+def check_memory(cfg: VanishConfig) -> None:
+    """One activation's Jacobian sweep at the most keys and each architecture's gradient must
+    fit in one device's memory (the activations change no shape)."""
+    n = max(cfg.n_keys)
+    scores = jax.ShapeDtypeStruct((-(-cfg.n_rows // n), n, n), jnp.float32)  # as jacobian_sweep groups them
+    memory.require_program(f"n_keys={n}, n_rows={cfg.n_rows}: the Jacobian program",
+                           lambda s: diagnostics.jacobian_summary(cfg.activations[0], s), scores)
+    inputs = (jax.ShapeDtypeStruct((cfg.grad_batch, cfg.grad_tokens, cfg.grad_width), jnp.float32),
+              jax.ShapeDtypeStruct((cfg.grad_width, 10), jnp.float32), jax.ShapeDtypeStruct((cfg.grad_batch,), jnp.int32))
+    for kind in KINDS:
+        stack = nnx.eval_shape(lambda: Stack(_block(kind, cfg), cfg.grad_depth, rngs=nnx.Rngs(params=0)))
+        graphdef, params, rest = nnx.split(stack, nnx.Param, ...)
+
+        def gradient(p, r, *batch):
+            return jax.grad(lambda q: _loss(nnx.merge(graphdef, q, r), *batch))(p)
+
+        memory.require_program(f"grad_width={cfg.grad_width}, grad_depth={cfg.grad_depth}, "
+                               f"grad_tokens={cfg.grad_tokens}, grad_batch={cfg.grad_batch}: the {kind} gradient program",
+                               gradient, params, rest, *inputs)
+
+
 def prepare(argv=None):
     """Parse and check every flag and open the output folder; no work."""
     args, cfg = parse_args(argv)
     validate(cfg)
+    check_memory(cfg)
     run = _common.open_run(args.out, cfg, args.overwrite,
                            ("jacobian_norms.png", "saturation.png", "init_gradients.png"))
     return cfg, run

@@ -137,9 +137,22 @@ def prepare(argv=None):
     train_config(cfg, cfg.learning_rates[0], 0)  # warmup_steps < steps
     for model in cfg.all_models:  # e.g. heads must divide width
         block_config(cfg, model)
+    check_memory(cfg)
     run = _common.open_run(args.out, cfg, args.overwrite,
                            ("table.md", "val_loss_vs_lr.*", "attention_entropy.*", "init_grad_norms.*"))
     return args, cfg, ds, run
+
+
+def check_memory(cfg: StabilityConfig) -> None:
+    """The deepest model's training step and evaluation must fit in one device's memory (the
+    models of a sweep have the same shapes up to a few scalars)."""
+    depth = max(cfg.depths)
+    batch = {"tokens": jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len + 1), np.int32),
+             "step": jax.ShapeDtypeStruct((), np.int32)}
+    _common.check_training_memory(
+        f"width={cfg.width}, depth={depth}, batch_size={cfg.batch_size}, seq_len={cfg.seq_len}",
+        lambda: build_model(cfg, cfg.all_models[0], depth, 0), lm.loss, batch,
+        train_config(cfg, cfg.learning_rates[0], 0), eval_fn=lm.evaluate, eval_batch=batch)
 
 
 # ------------------------------------------------------------------------------ the runs

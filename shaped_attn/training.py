@@ -39,6 +39,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from . import memory
+
 Array = jax.Array
 Metrics = Mapping[str, Array]
 LossFn = Callable[[nnx.Module, Any, Array], tuple[Array, Metrics]]
@@ -240,6 +242,36 @@ def evaluate(model: nnx.Module, eval_fn: EvalFn, batches: Iterable[Any]) -> dict
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return _as_python(_evaluate_split(graphdef, params, rest, eval_fn, batches, False))
+
+
+def step_programs(model: nnx.Module, loss_fn: LossFn, batch: Any, config: TrainConfig = TrainConfig(), *,
+                  models: int = 1, eval_fn: Optional[EvalFn] = None, eval_batch: Any = None) -> list[tuple]:
+    """``(fn, *args)`` of the compiled training step of ``models`` models shaped like ``model``
+    (an ensemble when ``models > 1``) on ``batch`` and, with ``eval_fn``, of one evaluation of
+    ``eval_batch``, the arguments as ``jax.ShapeDtypeStruct``s: what
+    :func:`shaped_attn.memory.program_bytes` measures (docs/experiments.md §6). ``model`` may be
+    ``nnx.eval_shape(lambda: Model(...))``: nothing is allocated."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ensemble = models > 1
+    lead = (models,) if ensemble else ()
+    stacked = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(lead + tuple(np.shape(x)), x.dtype), tree)
+    params, rest = stacked(params), stacked(rest)
+    init, step = _compiled_step(graphdef, loss_fn, config.optimiser_fields(), ensemble)
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
+    key = stacked(jax.eval_shape(jax.random.PRNGKey, 0))
+    programs = [(step, params, rest, jax.eval_shape(init, params), stacked(batch), key, scalar(jnp.int32),
+                 scalar(jax.tree.leaves(params)[0].dtype))]
+    if eval_fn is not None:
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), eval_batch)
+        programs.append((_compiled_eval(graphdef, eval_fn, ensemble), params, rest, shapes))
+    return programs
+
+
+def memory_bytes(model: nnx.Module, loss_fn: LossFn, batch: Any, config: TrainConfig = TrainConfig(),
+                 **kwargs) -> int:
+    """Device memory of one training step (and evaluation) of :func:`step_programs`, the larger
+    of the two: from XLA's memory analysis at these shapes, nothing allocated or run."""
+    return max(memory.program_bytes(*p) for p in step_programs(model, loss_fn, batch, config, **kwargs))
 
 
 @dataclasses.dataclass

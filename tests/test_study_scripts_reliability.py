@@ -1,6 +1,7 @@
 """The study scripts (compare_activations, frobenius_norm, gradient_vanishing), issue 9: every
-flag checked before any work (one line, exit code 2, no traceback, no output folder), one
-JSON chunk per finished unit with resumption after SIGKILL, no NaN in JSON outputs."""
+flag checked before any work, sizes beyond the memory included (one line, exit code 2, no
+traceback, no output folder), one JSON chunk per finished unit with resumption after SIGKILL,
+no NaN in JSON outputs."""
 
 import concurrent.futures
 import importlib
@@ -49,6 +50,8 @@ CASES = [
     ("compare_activations", ["--warmup-steps", "600"], "warmup_steps=600"),
     ("compare_activations", ["--heads", "3"], "num_heads=3 must divide width=64"),
     ("compare_activations", ["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+    ("compare_activations", ["--width", "100000000"],
+     "width=100000000, depth=8, batch_size=64, eval_batch_size=512: one training step needs"),
     ("compare_activations", [OTHER_RUN], "holds a run with a different config"),
     ("compare_activations", [NOT_A_DIR], "exists and is not a directory"),
     ("frobenius_norm", ["--bound-ns", "0"], "bound_ns=0 must be an integer >= 1"),
@@ -65,6 +68,9 @@ CASES = [
     ("frobenius_norm", ["--batch-size", "100000"], "batch_size=100000 is outside (0, "),
     ("frobenius_norm", ["--warmup-steps", "400"], "warmup_steps=400"),
     ("frobenius_norm", ["--heads", "3"], "num_heads=3 must divide width=32"),
+    ("frobenius_norm", ["--init-ns", "4", "1000000"], "init_ns=1000000, init_samples=64: the initial-norm program needs"),
+    ("frobenius_norm", ["--bound-ns", "100000"], "bound_ns=100000, bound_samples=64: the random-bounds program needs"),
+    ("frobenius_norm", ["--width", "100000000"], "width=100000000, depth=4, batch_size=32, tokens=64: one training step"),
     ("frobenius_norm", [OTHER_RUN], "holds a run with a different config"),
     ("gradient_vanishing", ["--activations", "softmax", "bogus"], "activations='bogus' is not a registered"),
     ("gradient_vanishing", ["--n-keys", "1"], "n_keys=1 must be an integer >= 2"),
@@ -78,6 +84,9 @@ CASES = [
     ("gradient_vanishing", ["--shaped-gamma", "0"], "shaped_gamma=0.0 is outside (0, 1]"),
     ("gradient_vanishing", ["--shaped-gamma", "1.5"], "shaped_gamma=1.5 is outside (0, 1]"),
     ("gradient_vanishing", ["--shaped-tau0", "-1"], "shaped_tau0=-1.0 is outside (0, inf)"),
+    ("gradient_vanishing", ["--n-keys", "100000"], "n_keys=100000, n_rows=1024: the Jacobian program needs"),
+    ("gradient_vanishing", ["--grad-depth", "100000000"],
+     "grad_width=64, grad_depth=100000000, grad_tokens=16, grad_batch=8: the shaped gradient program needs"),
     ("gradient_vanishing", [OTHER_RUN], "holds a run with a different config"),
 ]
 IDS = [f"{script}:{' '.join(args)}" for script, args, _ in CASES]
@@ -85,7 +94,7 @@ IDS = [f"{script}:{' '.join(args)}" for script, args, _ in CASES]
 
 KINDS = {"must be an integer": "integer", "is outside": "interval", "is not one of": "choice",
          "is not a registered": "activation", "is neither": "activation", "argument --": "argparse",
-         "holds a run": "output folder", "is not a directory": "output folder"}
+         "holds a run": "output folder", "is not a directory": "output folder", " needs ": "memory"}
 
 
 def _kind(case) -> tuple:

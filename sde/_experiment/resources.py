@@ -10,10 +10,10 @@ and the memory available.
 from __future__ import annotations
 
 import dataclasses
-import os
 
-import jax
 import numpy as np
+
+from shaped_attn.memory import GIB, device_memory, host_memory
 
 from .._mc.sampler import resolve_sampler, sample_bytes
 from .._theory.solve import default_chunk_size
@@ -26,8 +26,6 @@ analysis's views (an upper estimate)."""
 
 DEVICE_SHARE = 0.5
 """Fraction of a device's memory one call's batch may take (the rest: XLA's buffers)."""
-
-GIB = 2.0**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,27 +43,6 @@ class ResourcePlan:
     results_bytes: int
     host_bytes: int
     device_bytes: int
-
-
-def host_memory() -> int:
-    """Bytes of host memory available now (``MemAvailable`` on Linux, else free pages)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def device_memory(host: int) -> int:
-    """Bytes of memory of one local accelerator (``host`` for CPU devices or when unknown)."""
-    device = jax.local_devices()[0]
-    if device.platform == "cpu":
-        return host
-    stats = device.memory_stats() or {}
-    return int(stats.get("bytes_limit", host))
 
 
 def _fit(name: str, value: int, item: str, batch: int, per_item: int, device: int) -> int:
