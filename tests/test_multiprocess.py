@@ -1,6 +1,7 @@
 """The main job over two processes joined by jax.distributed on 127.0.0.1 (gloo collectives on
 CPU): the same metrics.json and results.npz as one process, only process 0 writes, and a run
-whose processes were killed mid-run resumes to the same result (docs/experiments.md §4)."""
+whose processes were killed mid-run resumes to the same result (docs/experiments.md §4); a
+library call with a typed key gives one process's samples too."""
 
 import os
 import signal
@@ -97,3 +98,39 @@ def test_killed_processes_resume_to_the_same_result(single, tmp_path):
     _finish(_launch(out, tmp_path / "other"))
     _same_outputs(single, out)
     assert {name: (out / "chunks" / name).stat().st_mtime_ns for name in kept} == kept, "stored chunks are reused"
+
+
+TYPED_KEYS = """
+import sys
+import jax
+import numpy as np
+import sde
+from sde._helpers.devices import sample_mesh
+from shaped_attn import config
+
+sde.join_processes(sys.argv[1], 2, int(sys.argv[2]))
+jax.config.update("jax_enable_x64", True)
+assert sample_mesh().is_multi_process
+sampler = sde.FiniteSampler(0.8 * np.eye(3) + 0.2, config.shaped_config(16, 0.5), width=16, depth=4)
+V = sampler.chunk(jax.random.key(1234), 0, 10, chunk_size=3)
+if jax.process_index() == 0:
+    np.save(sys.argv[3], V)
+"""
+
+
+def test_typed_keys_cross_processes_as_their_data(tmp_path):
+    """A library call with a typed key (``jax.random.key``) over two processes: the keys
+    travel as their data and the samples equal one process's."""
+    import jax
+
+    import sde
+    from shaped_attn import config
+
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", TYPED_KEYS, f"127.0.0.1:{port}", str(i), str(tmp_path / "V.npy")],
+                              env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    _finish(procs)
+    local = sde.FiniteSampler(0.8 * np.eye(3) + 0.2, config.shaped_config(16, 0.5), width=16, depth=4)
+    np.testing.assert_array_equal(np.load(tmp_path / "V.npy"), local.chunk(jax.random.key(1234), 0, 10, chunk_size=3))
