@@ -378,7 +378,8 @@ def check_memory(cfg: CompareConfig, ds: data.ImageDataset, workers: int) -> Non
         + (f", seeds={cfg.seeds} (ensemble)" if cfg.ensemble else ""),
         lambda: levit.build(build_config(cfg, labels(cfg)[0], depth, ds)), levit.classifier_loss,
         _common.batch_like(cfg.batch_size, x=ds.x_train, y=ds.y_train), train_config(cfg), models=models,
-        eval_fn=levit.classifier_eval, eval_batch=_common.batch_like(min(cfg.eval_batch_size, len(ds.x_test)), x=ds.x_test, y=ds.y_test),
+        eval_fn=levit.classifier_eval,
+        eval_batch=_common.batch_like(min(cfg.eval_batch_size, len(ds.x_test)), x=ds.x_test, y=ds.y_test),
         workers=workers)
 
 

@@ -464,8 +464,8 @@ def check_memory(cfg: FrobeniusConfig, ds, workers: int) -> None:
         f"width={cfg.width}, depth={cfg.depth}, batch_size={cfg.batch_size}, tokens={tokens}",
         lambda: levit.build(model_config(cfg, cfg.train_activations[0], tokens, ds)), levit.classifier_loss,
         _common.batch_like(cfg.batch_size, x=ds.x_train, y=ds.y_train), train_config(cfg),
-        eval_fn=levit.classifier_eval, eval_batch=_common.batch_like(min(EVAL_BATCH, len(ds.x_test)), x=ds.x_test,
-                                                                  y=ds.y_test),
+        eval_fn=levit.classifier_eval,
+        eval_batch=_common.batch_like(min(EVAL_BATCH, len(ds.x_test)), x=ds.x_test, y=ds.y_test),
         workers=workers)
 
 

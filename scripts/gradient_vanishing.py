@@ -129,7 +129,7 @@ def init_gradient_unit(cfg: VanishConfig, kind: str) -> dict:
         x = jax.random.normal(k_x, (cfg.grad_batch, cfg.grad_tokens, cfg.grad_width))
         head = jax.random.normal(k_head, (cfg.grad_width, 10)) / math.sqrt(cfg.grad_width)
         y = jax.random.randint(k_y, (cfg.grad_batch,), 0, 10)
-        g = diagnostics.init_gradient_norms(stack, lambda model: _loss(model, x, head, y), ("query", "value"))
+        g = diagnostics.init_gradient_norms(stack, _loss, ("query", "value"), inputs=(x, head, y))
         for k in norms:
             norms[k].append(g[k])
     return {
@@ -278,17 +278,15 @@ def check_memory(cfg: VanishConfig) -> None:
     memory.require_program(f"n_keys={n}, n_rows={cfg.n_rows}: the Jacobian program",
                            lambda s: diagnostics.jacobian_summary(cfg.activations[0], s), scores)
     inputs = (jax.ShapeDtypeStruct((cfg.grad_batch, cfg.grad_tokens, cfg.grad_width), jnp.float32),
-              jax.ShapeDtypeStruct((cfg.grad_width, 10), jnp.float32), jax.ShapeDtypeStruct((cfg.grad_batch,), jnp.int32))
+              jax.ShapeDtypeStruct((cfg.grad_width, 10), jnp.float32),
+              jax.ShapeDtypeStruct((cfg.grad_batch,), jnp.int32))
+    sizes = (f"grad_width={cfg.grad_width}, grad_depth={cfg.grad_depth}, grad_tokens={cfg.grad_tokens}, "
+             f"grad_batch={cfg.grad_batch}")
     for kind in KINDS:
         stack = nnx.eval_shape(lambda: Stack(_block(kind, cfg), cfg.grad_depth, rngs=nnx.Rngs(params=0)))
         graphdef, params, rest = nnx.split(stack, nnx.Param, ...)
-
-        def gradient(p, r, *batch):
-            return jax.grad(lambda q: _loss(nnx.merge(graphdef, q, r), *batch))(p)
-
-        memory.require_program(f"grad_width={cfg.grad_width}, grad_depth={cfg.grad_depth}, "
-                               f"grad_tokens={cfg.grad_tokens}, grad_batch={cfg.grad_batch}: the {kind} gradient program",
-                               gradient, params, rest, *inputs)
+        memory.require_program(f"{sizes}: the {kind} gradient program",
+                               diagnostics.param_gradient(graphdef, _loss), params, rest, *inputs)
 
 
 def prepare(argv=None):

@@ -431,21 +431,34 @@ def layer_gradient_norms(
     return {n: np.concatenate(v) for n, v in out.items()}
 
 
+def param_gradient(graphdef: Any, loss_fn: Callable[..., Array]) -> Callable:
+    """``gradient(params, rest, *inputs)``: the gradient of ``loss_fn(model, *inputs)`` with
+    respect to ``params``, the ``nnx.Param`` state of ``model = nnx.merge(graphdef, params,
+    rest)`` (the program :func:`init_gradient_norms` runs)."""
+    from flax import nnx
+
+    def gradient(params, rest, *inputs):
+        return jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), *inputs))(params)
+
+    return gradient
+
+
 def init_gradient_norms(
     model: Any,
-    loss_fn: Callable[[Any], Array],
+    loss_fn: Callable[..., Array],
     names: Sequence[str] = ("query", "value"),
+    inputs: Sequence[Any] = (),
 ) -> dict[str, np.ndarray]:
-    """Per-layer gradient norms of ``loss_fn(model)`` for the query and value weights.
+    """Per-layer gradient norms of ``loss_fn(model, *inputs)`` for the query and value weights.
 
     The gradient is taken (jitted) with respect to every ``nnx.Param`` of ``model`` at its
-    current (e.g. initial) parameters; ``loss_fn(model) -> scalar`` must not mutate the
-    model. See :func:`layer_gradient_norms` for the output. This is the
+    current (e.g. initial) parameters; ``loss_fn(model, *inputs) -> scalar`` must not mutate
+    the model. See :func:`layer_gradient_norms` for the output. This is the
     measurement behind Noci et al. (arXiv 2306.17759, Fig. 2), which compares the shaped,
     Pre-LN and Post-LN Transformers across depth; ``scripts/gradient_vanishing.py`` runs it.
     """
     from flax import nnx
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    grads = jax.jit(jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest))))(params)
+    grads = jax.jit(param_gradient(graphdef, loss_fn))(params, rest, *inputs)
     return layer_gradient_norms(grads, names)

@@ -85,9 +85,8 @@ def program_bytes(fn: Callable, *args: Any) -> int:
 
 def available_bytes() -> tuple[int, str]:
     """Memory one device has and its kind (``"host"`` on CPU, ``"device"`` otherwise)."""
-    host = host_memory()
-    cpu = jax.local_devices()[0].platform == "cpu"
-    return (host, "host") if cpu else (device_memory(host), "device")
+    kind = "host" if jax.local_devices()[0].platform == "cpu" else "device"
+    return device_memory(host_memory()), kind
 
 
 def require(what: str, need: int, copies: int = 1) -> None:

@@ -253,17 +253,16 @@ def step_programs(model: nnx.Module, loss_fn: LossFn, batch: Any, config: TrainC
     ``nnx.eval_shape(lambda: Model(...))``: nothing is allocated."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ensemble = models > 1
-    lead = (models,) if ensemble else ()
-    stacked = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(lead + tuple(np.shape(x)), x.dtype), tree)
+    shapes = lambda tree, lead=(): jax.tree.map(lambda x: jax.ShapeDtypeStruct(lead + np.shape(x), x.dtype), tree)
+    stacked = lambda tree: shapes(tree, (models,) if ensemble else ())
     params, rest = stacked(params), stacked(rest)
     init, step = _compiled_step(graphdef, loss_fn, config.optimiser_fields(), ensemble)
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
     key = stacked(jax.eval_shape(jax.random.PRNGKey, 0))
     programs = [(step, params, rest, jax.eval_shape(init, params), stacked(batch), key, scalar(jnp.int32),
                  scalar(jax.tree.leaves(params)[0].dtype))]
-    if eval_fn is not None:
-        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), eval_batch)
-        programs.append((_compiled_eval(graphdef, eval_fn, ensemble), params, rest, shapes))
+    if eval_fn is not None:  # every model of an ensemble sees the same evaluation batch
+        programs.append((_compiled_eval(graphdef, eval_fn, ensemble), params, rest, shapes(eval_batch)))
     return programs
 
 
